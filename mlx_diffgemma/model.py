@@ -1,0 +1,434 @@
+"""DiffusionGemma text model in MLX.
+
+One transformer stack serves two passes that share every weight (the checkpoint
+stores it once, under ``model.decoder``):
+
+* the **encoder**: a causal pass over new tokens (the prompt, then each committed
+  canvas) that only fills the KV cache;
+* the **denoiser**: a bidirectional pass of a canvas over [cached prefix + canvas]
+  that reads the cache without changing it and returns logits for every position,
+  with self-conditioning on the previous step's logits.
+
+The two passes differ only in their per-layer ``layer_scalar``; the encoder's
+live under ``model.encoder.language_model.layers.N``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.rope_utils import initialize_rope
+from mlx_lm.models.switch_layers import SwitchLinear
+
+from .cache import DiffusionCache, LayerCache
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+ROPE_TYPES = ("default", "proportional")
+ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
+# Vision tower and other weights the text model does not use.
+IGNORED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.", "model.encoder.embed_audio.")
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """The checkpoint's config.json cannot describe a DiffusionGemma text model."""
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_experts: int
+    top_k_experts: int
+    moe_intermediate_size: int
+    sliding_window: int
+    layer_types: list[str] | None = None
+    rope_parameters: dict[str, dict[str, Any]] | None = None
+    global_head_dim: int = 512
+    num_global_key_value_heads: int | None = None
+    attention_k_eq_v: bool = True
+    per_layer_config: dict[str, dict[str, int]] | None = None
+    rms_norm_eps: float = 1e-6
+    hidden_activation: str = "gelu_pytorch_tanh"
+    final_logit_softcapping: float | None = 30.0
+    attention_bias: bool = False
+    use_bidirectional_attention: str | None = None
+    tie_word_embeddings: bool = True
+    canvas_length: int = 256
+    max_position_embeddings: int = 131072
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 1
+    # Resolved per layer in __post_init__.
+    layer_head_dims: list[int] = field(init=False)
+    layer_kv_heads: list[int] = field(init=False)
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
+        """Build from a checkpoint ``config.json`` (nested ``text_config``); unknown keys are ignored."""
+        model_type = config.get("model_type")
+        if model_type != "diffusion_gemma":
+            raise ConfigError(f"config.json has model_type {model_type!r}, expected 'diffusion_gemma'")
+        text = config.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError("config.json has no 'text_config' section")
+        params = {**text, "model_type": model_type}
+        for key in ("canvas_length", "tie_word_embeddings"):
+            if config.get(key) is not None:
+                params[key] = config[key]
+        names = {p for p in inspect.signature(cls).parameters}
+        missing = [n for n, p in inspect.signature(cls).parameters.items() if p.default is p.empty and n not in params]
+        if missing:
+            raise ConfigError(f"config.json text_config is missing {', '.join(missing)}")
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+    def __post_init__(self):
+        if self.layer_types is None:
+            self.layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(self.num_hidden_layers)]
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        if unknown := set(self.layer_types) - set(LAYER_TYPES):
+            raise ConfigError(f"unknown layer type(s) {sorted(unknown)}; expected {LAYER_TYPES}")
+        if self.layer_types[-1] != "full_attention":
+            logger.warning("The last layer must use full attention; treating it as full_attention, as transformers does.")
+            self.layer_types[-1] = "full_attention"
+        if self.rope_parameters is None:
+            self.rope_parameters = {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+            }
+        for layer_type in set(self.layer_types):
+            rope = self.rope_parameters.get(layer_type)
+            if rope is None or rope.get("rope_type", "default") not in ROPE_TYPES:
+                raise ConfigError(f"rope_parameters[{layer_type!r}] must be one of the rope types {ROPE_TYPES}, got {rope!r}")
+        if self.use_bidirectional_attention == "all":
+            raise ConfigError("use_bidirectional_attention='all' (a non-causal encoder) is not supported")
+        if not self.tie_word_embeddings:
+            raise ConfigError("tie_word_embeddings=false (separate encoder and decoder weights) is not supported")
+        if self.hidden_activation not in ACTIVATIONS:
+            raise ConfigError(f"hidden_activation {self.hidden_activation!r} is not supported; expected one of {ACTIVATIONS}")
+        if not 0 < self.top_k_experts <= self.num_experts:
+            raise ConfigError(f"top_k_experts={self.top_k_experts} must be in 1..num_experts={self.num_experts}")
+        if self.sliding_window < 1 or self.canvas_length < 1:
+            raise ConfigError("sliding_window and canvas_length must be positive")
+        self.layer_head_dims, self.layer_kv_heads = [], []
+        for i, layer_type in enumerate(self.layer_types):
+            head_dim, kv_heads = self.head_dim, self.num_key_value_heads
+            if self.per_layer_config is not None:
+                override = self.per_layer_config.get(str(i)) or self.per_layer_config.get(i) or {}
+                head_dim = override.get("head_dim", head_dim)
+                kv_heads = override.get("num_key_value_heads", kv_heads)
+            elif layer_type == "full_attention":
+                head_dim = self.global_head_dim
+                if self.attention_k_eq_v and self.num_global_key_value_heads is not None:
+                    kv_heads = self.num_global_key_value_heads
+            if self.num_attention_heads % kv_heads:
+                raise ConfigError(f"layer {i}: {self.num_attention_heads} query heads do not divide into {kv_heads} KV heads")
+            self.layer_head_dims.append(head_dim)
+            self.layer_kv_heads.append(kv_heads)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def rms_norm(x: mx.array, eps: float) -> mx.array:
+    """RMS norm without a learned scale (value norm, router norm, self-conditioning post norm)."""
+    return mx.fast.rms_norm(x, None, eps)
+
+
+class MLP(nn.Module):
+    def __init__(self, dims: int, hidden_dims: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dims, hidden_dims, bias=False)
+        self.up_proj = nn.Linear(dims, hidden_dims, bias=False)
+        self.down_proj = nn.Linear(hidden_dims, dims, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.eps = args.rms_norm_eps
+        self.top_k = args.top_k_experts
+        self.proj = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.scale = mx.ones((args.hidden_size,))
+        self.per_expert_scale = mx.ones((args.num_experts,))
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        x = rms_norm(x, self.eps) * self.scale * (x.shape[-1] ** -0.5)
+        probs = mx.softmax(self.proj(x).astype(mx.float32), axis=-1)
+        indices = mx.stop_gradient(mx.argpartition(-probs, self.top_k - 1, axis=-1)[..., : self.top_k])
+        weights = mx.take_along_axis(probs, indices, axis=-1)
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+        return weights * self.per_expert_scale[indices], indices
+
+
+def switch_linear(layer: nn.Module, x: mx.array, indices: mx.array, sort: bool) -> mx.array:
+    """Apply a (quantized) SwitchLinear. MLX's CPU ``gather_mm`` takes only float32, so
+    unquantized half-precision experts are upcast there; Metal runs them as they are."""
+    if x.dtype == mx.float32 or not isinstance(layer, SwitchLinear) or mx.default_device() != mx.cpu:
+        return layer(x, indices, sorted_indices=sort)
+    w = layer.weight.astype(mx.float32).swapaxes(-1, -2)
+    return mx.gather_mm(x.astype(mx.float32), w, rhs_indices=indices, sorted_indices=sort).astype(x.dtype)
+
+
+class Experts(nn.Module):
+    """The routed experts, gate and up projections fused as in the checkpoint."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_up_proj = SwitchLinear(args.hidden_size, 2 * args.moe_intermediate_size, args.num_experts, bias=False)
+        self.down_proj = SwitchLinear(args.moe_intermediate_size, args.hidden_size, args.num_experts, bias=False)
+
+    def __call__(self, x: mx.array, weights: mx.array, indices: mx.array) -> mx.array:
+        shape, k = indices.shape, indices.shape[-1]
+        x = x.reshape(-1, 1, x.shape[-1])
+        # Many tokens: one row per (token, expert), visited in expert order so that
+        # each expert's weights are read once. Few tokens: gather per token.
+        sort = indices.size >= 64
+        if sort:
+            order = mx.argsort(indices.reshape(-1))
+            x, idx = x[order // k], indices.reshape(-1)[order]
+        else:
+            x, idx = x[:, None], indices.reshape(-1, k)
+        gate, up = mx.split(switch_linear(self.gate_up_proj, x, idx, sort), 2, axis=-1)
+        y = switch_linear(self.down_proj, nn.gelu_approx(gate) * up, idx, sort)
+        if sort:
+            y = y[mx.argsort(order)]
+        y = y.reshape(*shape, -1)
+        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.is_sliding = args.layer_types[layer_idx] == "sliding_attention"
+        self.head_dim = head_dim = args.layer_head_dims[layer_idx]
+        self.n_heads, self.n_kv_heads = args.num_attention_heads, args.layer_kv_heads[layer_idx]
+        self.eps = args.rms_norm_eps
+        bias, dims = args.attention_bias, args.hidden_size
+        self.q_proj = nn.Linear(dims, self.n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dims, self.n_kv_heads * head_dim, bias=bias)
+        if self.is_sliding:  # full-attention layers use the keys as values
+            self.v_proj = nn.Linear(dims, self.n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, dims, bias=bias)
+        self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+        rope = args.rope_parameters[args.layer_types[layer_idx]]
+        self.rope = initialize_rope(head_dim, rope["rope_theta"], False, rope)
+
+    def keys_values(self, x: mx.array, positions) -> tuple[mx.array, mx.array]:
+        B, L, _ = x.shape
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1) if self.is_sliding else k
+        k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), offset=positions)
+        return k, rms_norm(v, self.eps).transpose(0, 2, 1, 3)
+
+    def __call__(self, x: mx.array, positions, mask: mx.array | None, cache: LayerCache, store: bool) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        q = self.rope(q, offset=positions)
+        k, v = cache.extend(*self.keys_values(x, positions), store)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class TransformerBlock(nn.Module):
+    """Attention, then a dense MLP and routed experts side by side."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        dims, eps = args.hidden_size, args.rms_norm_eps
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp = MLP(dims, args.intermediate_size)
+        self.router = Router(args)
+        self.experts = Experts(args)
+        self.input_layernorm = nn.RMSNorm(dims, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(dims, eps=eps)
+        self.pre_feedforward_layernorm = nn.RMSNorm(dims, eps=eps)
+        self.post_feedforward_layernorm = nn.RMSNorm(dims, eps=eps)
+        self.pre_feedforward_layernorm_2 = nn.RMSNorm(dims, eps=eps)
+        self.post_feedforward_layernorm_1 = nn.RMSNorm(dims, eps=eps)
+        self.post_feedforward_layernorm_2 = nn.RMSNorm(dims, eps=eps)
+        self.layer_scalar = mx.ones((1,))
+
+    def __call__(self, x, positions, mask, cache: LayerCache, store: bool, layer_scalar: mx.array) -> mx.array:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, mask, cache, store))
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        weights, indices = self.router(x)
+        routed = self.post_feedforward_layernorm_2(self.experts(self.pre_feedforward_layernorm_2(x), weights, indices))
+        return (x + self.post_feedforward_layernorm(dense + routed)) * layer_scalar
+
+
+class SelfConditioning(nn.Module):
+    """Gated MLP that mixes the previous step's soft embeddings into the canvas embeddings."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.eps = args.rms_norm_eps
+        self.pre_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, embeddings: mx.array, soft_embeddings: mx.array | None) -> mx.array:
+        # A zero signal (the first step) passes through the MLP as zero.
+        if soft_embeddings is not None:
+            h = self.pre_norm(soft_embeddings)
+            embeddings = embeddings + self.down_proj(nn.gelu_approx(self.gate_proj(h)) * self.up_proj(h))
+        return rms_norm(embeddings, self.eps)
+
+
+class Decoder(nn.Module):
+    """The shared stack; the checkpoint stores it as ``model.decoder``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [TransformerBlock(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(args)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer_scalar = mx.ones((1,))
+
+
+class EncoderLanguageModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.layers = [EncoderLayer() for _ in range(args.num_hidden_layers)]
+
+
+class Encoder(nn.Module):
+    """Holds what the encoder does not share with the decoder: its layer scalars."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.language_model = EncoderLanguageModel(args)
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.decoder = Decoder(args)
+        self.encoder = Encoder(args)
+
+
+def embedding_product(embed: nn.Module, probs: mx.array) -> mx.array:
+    """``probs @ embedding_table`` for a plain or quantized embedding."""
+    if isinstance(embed, nn.QuantizedEmbedding):
+        return mx.quantized_matmul(
+            probs, embed.weight, embed.scales, embed.get("biases"), transpose=False,
+            group_size=embed.group_size, bits=embed.bits, mode=embed.mode,
+        )
+    return probs @ embed.weight
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+
+    @property
+    def layers(self) -> list[TransformerBlock]:
+        return self.model.decoder.layers
+
+    def make_cache(self, left_padding: list[int] | None = None) -> DiffusionCache:
+        """A fresh cache; ``left_padding[b]`` padding tokens lead row ``b`` of a batch."""
+        windows = [self.args.sliding_window if t == "sliding_attention" else None for t in self.args.layer_types]
+        return DiffusionCache(windows, left_padding)
+
+    def _embed(self, ids: mx.array) -> mx.array:
+        embed = self.model.decoder.embed_tokens
+        h = embed(ids)
+        return h * mx.array(self.args.hidden_size**0.5, dtype=h.dtype)
+
+    def _run_layers(self, h, cache: DiffusionCache, causal: bool, store: bool, scalars: list[mx.array], last: int):
+        positions, masks = cache.batch_positions, {}
+        for layer, layer_cache, scalar in zip(self.layers[:last], cache.layers, scalars):
+            key = (layer_cache.length, layer_cache.window)
+            if key not in masks:
+                masks[key] = cache.attention_mask(layer_cache, h.shape[1], causal)
+            h = layer(h, positions, masks[key], layer_cache, store, scalar)
+        return h
+
+    def encode(self, input_ids: mx.array, cache: DiffusionCache) -> None:
+        """Causal pass over ``input_ids`` ``[B, L]`` that appends their keys/values to ``cache``."""
+        h = self._embed(input_ids)
+        scalars = [layer.layer_scalar for layer in self.model.encoder.language_model.layers]
+        h = self._run_layers(h, cache, causal=True, store=True, scalars=scalars, last=len(self.layers) - 1)
+        # The last layer only has to leave its keys/values: its output feeds no logits.
+        last = self.layers[-1]
+        keys, values = last.self_attn.keys_values(last.input_layernorm(h), cache.batch_positions)
+        cache.layers[-1].extend(keys, values, store=True)
+        cache.offset += input_ids.shape[1]
+
+    def denoise(
+        self, canvas_ids: mx.array, cache: DiffusionCache, self_conditioning_logits: mx.array | None = None
+    ) -> mx.array:
+        """Float32 logits ``[B, C, V]`` for a canvas ``[B, C]`` placed right after the cached prefix.
+
+        ``self_conditioning_logits`` are the previous step's processed logits (``None`` on the
+        first step). The cache is read, never changed.
+        """
+        decoder = self.model.decoder
+        h = self._embed(canvas_ids)
+        soft = None
+        if self_conditioning_logits is not None:
+            # As the reference: logits cast to the embedding dtype, softmax in float32.
+            probs = mx.softmax(self_conditioning_logits.astype(h.dtype).astype(mx.float32), axis=-1)
+            soft = embedding_product(decoder.embed_tokens, probs.astype(h.dtype))
+            soft = soft * mx.array(self.args.hidden_size**0.5, dtype=h.dtype)
+        h = decoder.self_conditioning(h, soft)
+        scalars = [layer.layer_scalar for layer in self.layers]
+        h = self._run_layers(h, cache, causal=False, store=False, scalars=scalars, last=len(self.layers))
+        logits = decoder.embed_tokens.as_linear(decoder.norm(h)).astype(mx.float32)
+        cap = self.args.final_logit_softcapping
+        return mx.tanh(logits / cap) * cap if cap else logits
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map checkpoint keys (HF or MLX layout) onto this module tree."""
+        out = {}
+        for key, value in weights.items():
+            if key.startswith(IGNORED_PREFIXES) or "rotary_emb" in key or key == "lm_head.weight":
+                continue
+            if key.startswith("language_model.model."):  # some MLX conversions nest the text model
+                key = key[len("language_model.") :]
+            if key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+                key += ".weight"
+            out[key] = value
+        return out
+
+    @property
+    def quant_predicate(self):
+        """Default mixed recipe: 8-bit for embeddings, attention, dense MLP and router, as community conversions."""
+
+        def predicate(path: str, module: nn.Module):
+            if not hasattr(module, "to_quantized"):
+                return False
+            if path.endswith("embed_tokens") or ".self_attn." in path or ".mlp." in path or ".router." in path:
+                return {"group_size": 64, "bits": 8}
+            return True
+
+        return predicate

@@ -1,0 +1,154 @@
+"""Loading checkpoints: hub access, config, weights (HF and MLX layouts), tokenizer."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.tokenizer_utils import load as load_tokenizer_wrapper
+
+from .model import ConfigError, Model, ModelArgs
+
+# What a text-only load needs from a hub snapshot.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """The checkpoint folder is missing files or tensors, or they do not fit the config."""
+
+
+def get_model_path(path_or_repo: str | Path, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a hub id fetched with ``snapshot_download``."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is not a folder")
+        return path
+    if str(path_or_repo).startswith((".", "/", "~")) or str(path_or_repo).count("/") != 1:
+        raise CheckpointError(f"{path_or_repo}: no such folder, and not a hub id of the form org/name")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path_or_repo), revision=revision, allow_patterns=ALLOW_PATTERNS))
+
+
+def load_config(model_path: Path) -> dict[str, Any]:
+    config_file = model_path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{model_path} has no config.json: not a model folder")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
+
+
+def weight_files(model_path: Path) -> list[Path]:
+    """The safetensors shards, checked against the index when there is one."""
+    index_file = model_path / INDEX_FILE
+    if index_file.is_file():
+        names = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (model_path / n).is_file()]
+        if missing:
+            raise CheckpointError(f"missing shard(s) listed in {INDEX_FILE}: {', '.join(missing)}")
+        return [model_path / n for n in names]
+    files = sorted(Path(f) for f in glob.glob(str(model_path / "model*.safetensors")))
+    if not files:
+        raise CheckpointError(f"no model*.safetensors files in {model_path}")
+    return files
+
+
+def quantization_config(config: dict[str, Any]) -> dict[str, Any] | None:
+    return config.get("quantization") or config.get("quantization_config")
+
+
+def apply_quantization(model: Model, quantization: dict[str, Any], weights: dict[str, mx.array]) -> None:
+    """Turn the layers the checkpoint stores quantized into quantized layers (per-module overrides honoured)."""
+
+    def predicate(path: str, module: nn.Module):
+        if path in quantization:
+            return quantization[path]
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+    nn.quantize(
+        model,
+        group_size=quantization.get("group_size", 64),
+        bits=quantization.get("bits", 4),
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def check_weights(model: Model, weights: dict[str, mx.array]) -> None:
+    """Fail with the names of missing, unexpected or misshapen tensors."""
+    expected = dict(tree_flatten(model.parameters()))
+    problems = []
+    for label, names in (
+        ("missing", [k for k in expected if k not in weights]),
+        ("unexpected", [k for k in weights if k not in expected]),
+    ):
+        if names:
+            problems.append(f"{len(names)} {label} tensor(s): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+    wrong = [
+        f"{k} {tuple(weights[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) with the wrong shape: {'; '.join(wrong[:3])}")
+    if problems:
+        raise CheckpointError("checkpoint does not match its config: " + "; ".join(problems))
+
+
+def load_model(model_path: Path, dtype: mx.Dtype | None = None) -> Model:
+    """Config, model, sanitize, quantize, check, load: the weights are held once."""
+    config = load_config(model_path)
+    model = Model(ModelArgs.from_dict(config))
+    weights: dict[str, mx.array] = {}
+    for file in weight_files(model_path):
+        weights.update(mx.load(str(file)))
+    weights = model.sanitize(weights)
+    if (quantization := quantization_config(config)) is not None:
+        apply_quantization(model, quantization, weights)
+    check_weights(model, weights)
+    model.load_weights(list(weights.items()), strict=True)
+    if dtype is not None:
+        model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def eos_token_ids(model_path: Path, args: ModelArgs) -> list[int]:
+    """End-of-sequence ids: the generation config's when present, else the model config's."""
+    ids = list(args.eos_token_ids)
+    gen_file = model_path / "generation_config.json"
+    if gen_file.is_file():
+        eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        if eos is not None:
+            ids = [eos] if isinstance(eos, int) else list(eos)
+    return ids
+
+
+def load_tokenizer(model_path: Path, args: ModelArgs) -> TokenizerWrapper:
+    if not any((model_path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise CheckpointError(f"{model_path} has no tokenizer (tokenizer.json or tokenizer.model)")
+    return load_tokenizer_wrapper(model_path, eos_token_ids=eos_token_ids(model_path, args))
+
+
+def load(path_or_repo: str | Path, dtype: mx.Dtype | None = None, revision: str | None = None) -> tuple[Model, TokenizerWrapper]:
+    """Load a DiffusionGemma checkpoint (local folder or hub id) and its tokenizer.
+
+    Reads the original HF layout and MLX layouts, quantized ones included.
+    """
+    model_path = get_model_path(path_or_repo, revision)
+    model = load_model(model_path, dtype)
+    return model, load_tokenizer(model_path, model.args)
+
+
+__all__ = ["CheckpointError", "ConfigError", "get_model_path", "load", "load_config", "load_model", "load_tokenizer"]
