@@ -428,7 +428,7 @@ class Model(nn.Module):
             if not hasattr(module, "to_quantized"):
                 return False
             if path.endswith("embed_tokens") or ".self_attn." in path or ".mlp." in path or ".router." in path:
-                return {"group_size": 64, "bits": 8}
+                return {"group_size": 64, "bits": 8} if module.weight.shape[-1] % 64 == 0 else False
             return True
 
         return predicate

@@ -57,7 +57,7 @@ def build_tokenizer(out: Path) -> int:
 
 
 TINY_TEXT_CONFIG = dict(
-    hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
     head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
     num_experts=4, top_k_experts=2, moe_intermediate_size=32, global_head_dim=32, num_global_key_value_heads=1,
 )

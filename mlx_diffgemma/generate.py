@@ -1,0 +1,332 @@
+"""Block-diffusion generation: canvases denoised in parallel, committed one after another.
+
+Layers, bottom-up: ``denoise_canvas`` (the inner loop over denoising steps),
+``generate_step`` (prefill, then canvas after canvas, token ids only),
+``stream_generate`` (text deltas, drafts and statistics) and ``generate``/``batch_generate``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import wired_limit
+
+from .model import Model
+from .sampler import DiffusionSettings, accept, entropy, is_stable, renoise, sample, temperature
+
+PREFILL_STEP_SIZE = 512
+
+Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
+
+
+class Noise(Protocol):
+    """Where the randomness of denoising comes from: a function of (canvas, step) only,
+    so a row's output does not depend on how long other rows of its batch denoise."""
+
+    def initial_canvas(self, canvas: int, shape: tuple[int, int]) -> mx.array: ...
+
+    def step(self, canvas: int, step: int, shape: tuple[int, int]) -> tuple[mx.array, mx.array]:
+        """Uniform numbers for sampling and uniform token ids for renoising, both ``shape``."""
+        ...
+
+
+class SeededNoise:
+    """Noise from MLX's counter-based generator; every row of a batch gets the same stream."""
+
+    def __init__(self, vocab_size: int, seed: int | None = None):
+        self.vocab_size = vocab_size
+        self.key = mx.random.key(seed if seed is not None else int(time.time_ns() % 2**31))
+        self._canvas_keys: tuple[int, mx.array] | None = None
+
+    def _keys(self, canvas: int) -> mx.array:
+        if self._canvas_keys is None or self._canvas_keys[0] != canvas:
+            canvas_key = mx.random.split(self.key, canvas + 1)[canvas]
+            self._canvas_keys = (canvas, canvas_key)
+        return self._canvas_keys[1]
+
+    def _tokens(self, key: mx.array, shape) -> mx.array:
+        return mx.broadcast_to(mx.random.randint(0, self.vocab_size, shape[-1:], key=key), shape)
+
+    def initial_canvas(self, canvas: int, shape) -> mx.array:
+        return self._tokens(mx.random.split(self._keys(canvas), 1)[0], shape)
+
+    def step(self, canvas: int, step: int, shape) -> tuple[mx.array, mx.array]:
+        uniform_key, token_key = mx.random.split(mx.random.split(self._keys(canvas), step + 2)[step + 1], 2)
+        uniform = mx.broadcast_to(mx.random.uniform(shape=shape[-1:], key=uniform_key), shape)
+        return uniform, self._tokens(token_key, shape)
+
+
+@dataclass
+class Draft:
+    """The argmax canvas after a denoising step."""
+
+    step: int
+    tokens: mx.array  # [B, C]
+
+
+@dataclass
+class Canvas:
+    """A committed canvas: new tokens per row (EOS and what follows dropped)."""
+
+    index: int
+    tokens: list[list[int]]
+    finish_reasons: list[str | None]  # per row: "stop" (EOS), "length" (max_tokens), or None
+    steps: int  # denoising steps run for this canvas
+    forward_passes: list[int]  # per row, the steps before the row stopped denoising
+    valid_tokens: list[int]  # per row, canvas tokens up to and including EOS (the reference's count)
+
+
+def denoise_canvas(
+    model: Model, cache, index: int, batch_size: int, settings: DiffusionSettings, noise: Noise
+) -> Generator[Draft, None, tuple[mx.array, list[int]]]:
+    """Denoise one canvas; yields a draft per step, returns the argmax canvas and per-row passes."""
+    shape = (batch_size, model.args.canvas_length)
+    canvas = noise.initial_canvas(index, shape)
+    argmax, logits, history = canvas, None, []
+    done = mx.zeros((batch_size,), dtype=mx.bool_)
+    passes = np.zeros(batch_size, dtype=np.int64)
+    for step, remaining in enumerate(range(settings.steps, 0, -1)):
+        passes += ~np.array(done)
+        scaled = model.denoise(canvas, cache, logits) / temperature(remaining, settings)
+        uniform, noise_tokens = noise.step(index, step, shape)
+        token_entropy = entropy(scaled)
+        new_canvas = renoise(sample(scaled, uniform), accept(token_entropy, settings.entropy_bound), noise_tokens)
+        new_argmax = scaled.argmax(axis=-1).astype(canvas.dtype)
+        if logits is not None:  # rows that already stopped keep their state
+            new_canvas = mx.where(done[:, None], canvas, new_canvas)
+            new_argmax = mx.where(done[:, None], argmax, new_argmax)
+            scaled = mx.where(done[:, None, None], logits, scaled)
+        confident = token_entropy.mean(axis=-1) < settings.confidence_threshold
+        done = done | (is_stable(history, new_argmax, settings.stability_threshold) & confident)
+        history = (history + [new_argmax])[-settings.stability_threshold :] if settings.stability_threshold else []
+        canvas, argmax, logits = new_canvas, new_argmax, scaled
+        mx.eval(canvas, argmax, logits, done)
+        yield Draft(step=step + 1, tokens=argmax)
+        if done.all().item():
+            break
+    return argmax, passes.tolist()
+
+
+def prefill(model: Model, input_ids: mx.array, cache, step_size: int = PREFILL_STEP_SIZE) -> None:
+    """Encode a prompt in chunks, so attention temporaries stay bounded on long prompts."""
+    for start in range(0, input_ids.shape[1], step_size):
+        model.encode(input_ids[:, start : start + step_size], cache)
+        mx.eval(cache.state())
+
+
+def _commit(row: list[int], eos: set[int], budget: int, pad: int) -> tuple[list[int], str | None, int]:
+    """Cut a row's canvas at its first EOS id (dropped) or at its token budget.
+
+    Returns the kept tokens, the finish reason, and the tokens the reference counts as
+    generated for tokens per forward pass: the canvas up to and including EOS, less any
+    that equal the pad id (the reference pads after EOS, then counts non-pad tokens).
+    """
+    first_eos = next((i for i, token in enumerate(row) if token in eos), None)
+    valid = sum(token != pad for token in row[: None if first_eos is None else first_eos + 1])
+    if first_eos is not None and first_eos < budget:
+        return row[:first_eos], "stop", valid
+    return row[:budget], "length" if len(row) >= budget else None, valid
+
+
+def generate_step(
+    model: Model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_tokens: int,
+    settings: DiffusionSettings,
+    eos_token_ids: Sequence[int],
+    noise: Noise,
+    pad_token_id: int = 0,
+) -> Iterator[Draft | Canvas]:
+    """Generate for a batch of token-id prompts (left-padded); yields drafts and committed canvases."""
+    lengths = [len(p) for p in prompts]
+    width = max(lengths)
+    cache = model.make_cache(left_padding=[width - n for n in lengths])
+    ids = mx.array([[pad_token_id] * (width - len(p)) + list(p) for p in prompts])
+    prefill(model, ids, cache)
+    budgets = [max_tokens] * len(prompts)
+    reasons: list[str | None] = [None] * len(prompts)
+    eos = set(eos_token_ids)
+    for index in range(math.ceil(max_tokens / model.args.canvas_length)):
+        if index > 0:
+            model.encode(argmax, cache)
+        argmax, passes = yield from denoise_canvas(model, cache, index, len(prompts), settings, noise)
+        new_tokens, valid = [], []
+        for row, tokens in enumerate(argmax.tolist()):
+            if reasons[row] is not None:  # finished earlier: its canvas is discarded
+                new_tokens.append([])
+                valid.append(0)
+                passes[row] = 0
+                continue
+            kept, reasons[row], count = _commit(tokens, eos, budgets[row], pad_token_id)
+            budgets[row] -= len(kept)
+            new_tokens.append(kept)
+            valid.append(count)
+        yield Canvas(index, new_tokens, list(reasons), max(passes), passes, valid)
+        if all(reasons):
+            return
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed update: a committed text delta, or (with ``draft=True``) the live draft."""
+
+    text: str  # newly committed text ("" for draft updates)
+    draft: str | None  # the current canvas's argmax text, during denoising
+    step: int | None  # denoising step of the draft
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    steps_per_canvas: list[int] = field(default_factory=list)
+    tokens_per_forward: float = 0.0
+    peak_memory: float = 0.0  # GB
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", or None while running
+
+
+def prepare_prompt(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids from text, ids, or chat messages (chat template with the generation prompt)."""
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt))
+    prompt = list(prompt)
+    if prompt and all(isinstance(m, dict) for m in prompt):
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+    if all(isinstance(t, (int, np.integer)) for t in prompt):
+        return [int(t) for t in prompt]
+    raise ValueError("prompt must be a string, a list of token ids, or a list of chat messages")
+
+
+def check_request(model: Model, prompts: list[list[int]], max_tokens: int) -> None:
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive integer (got {max_tokens!r})")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("prompt is empty")
+    vocab = model.args.vocab_size
+    if any(not 0 <= t < vocab for p in prompts for t in p):
+        raise ValueError(f"prompt has token ids outside the vocabulary (0..{vocab - 1})")
+    canvas = model.args.canvas_length
+    needed = max(len(p) for p in prompts) + math.ceil(max_tokens / canvas) * canvas
+    if needed > model.args.max_position_embeddings:
+        raise ValueError(
+            f"prompt too long: {max(len(p) for p in prompts)} prompt tokens plus {max_tokens} new tokens "
+            f"(in canvases of {canvas}) exceed the model's context of {model.args.max_position_embeddings}"
+        )
+
+
+def _trim_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def stream_generate(
+    model: Model,
+    tokenizer,
+    prompt: Prompt,
+    max_tokens: int = 256,
+    *,
+    steps: int = 48,
+    entropy_bound: float = 0.1,
+    t_min: float = 0.4,
+    t_max: float = 0.8,
+    confidence_threshold: float = 0.005,
+    stability_threshold: int = 1,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    draft: bool = False,
+    noise: Noise | None = None,
+) -> Iterator[GenerationResponse]:
+    """Stream a reply canvas by canvas; with ``draft``, also each denoising step's draft.
+
+    ``seed`` makes the output reproducible; ``noise`` replaces the seeded randomness
+    altogether (tests pin it to compare with the reference implementation).
+    """
+    settings = DiffusionSettings(steps, entropy_bound, t_min, t_max, confidence_threshold, stability_threshold)
+    ids = prepare_prompt(tokenizer, prompt)
+    check_request(model, [ids], max_tokens)
+    if isinstance(stop, str):
+        stop = [stop]
+    noise = noise or SeededNoise(model.args.vocab_size, seed)
+    tokens: list[int] = []
+    text, sent, steps_per_canvas, passes, valid = "", 0, [], 0, 0
+    hold = max((len(s) for s in stop), default=1) - 1  # keep back what may start a stop string
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    prompt_time = None
+
+    def response(delta: str, draft_text=None, step=None, reason=None) -> GenerationResponse:
+        elapsed = time.perf_counter() - start - (prompt_time or 0.0)
+        return GenerationResponse(
+            text=delta, draft=draft_text, step=step, prompt_tokens=len(ids),
+            prompt_tps=len(ids) / prompt_time if prompt_time else 0.0,
+            generation_tokens=len(tokens), generation_tps=len(tokens) / elapsed if elapsed > 0 else 0.0,
+            steps_per_canvas=list(steps_per_canvas), tokens_per_forward=valid / passes if passes else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=reason,
+        )
+
+    events = generate_step(
+        model, [ids], max_tokens=max_tokens, settings=settings,
+        eos_token_ids=tokenizer.eos_token_ids, noise=noise, pad_token_id=model.args.pad_token_id or 0,
+    )
+    with wired_limit(model):
+        try:
+            for event in events:
+                if prompt_time is None:
+                    prompt_time = time.perf_counter() - start
+                if isinstance(event, Draft):
+                    if draft:
+                        yield response("", tokenizer.decode(event.tokens[0].tolist()), event.step)
+                    continue
+                tokens += event.tokens[0]
+                steps_per_canvas.append(event.steps)
+                passes += event.forward_passes[0]
+                valid += event.valid_tokens[0]
+                text, stopped = _trim_stop(tokenizer.decode(tokens), stop)
+                reason = "stop" if stopped else event.finish_reasons[0]
+                # Hold back an incomplete character and anything that may begin a stop string.
+                end = len(text) if reason else max(sent, len(text.rstrip("\ufffd")) - hold)
+                delta, sent = text[sent:end], max(sent, end)
+                if reason:
+                    yield response(delta, reason=reason)
+                    return
+                if delta:
+                    yield response(delta)
+        finally:
+            mx.clear_cache()
+
+
+def generate(model: Model, tokenizer, prompt: Prompt, max_tokens: int = 256, **kwargs) -> str:
+    """The whole reply as a string; keyword arguments as ``stream_generate``."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs))
+
+
+def batch_generate(
+    model: Model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    max_tokens: int = 256,
+    *,
+    seed: int | None = None,
+    noise: Noise | None = None,
+    **settings: Any,
+) -> list[str]:
+    """Replies to several prompts at once; each row gets what it would get alone with the same seed."""
+    ids = [prepare_prompt(tokenizer, p) for p in prompts]
+    check_request(model, ids, max_tokens)
+    tokens = [[] for _ in ids]
+    events = generate_step(
+        model, ids, max_tokens=max_tokens, settings=DiffusionSettings(**settings),
+        eos_token_ids=tokenizer.eos_token_ids, noise=noise or SeededNoise(model.args.vocab_size, seed),
+        pad_token_id=model.args.pad_token_id or 0,
+    )
+    with wired_limit(model):
+        for event in events:
+            if isinstance(event, Canvas):
+                for row, new in enumerate(event.tokens):
+                    tokens[row] += new
+    return [tokenizer.decode(t) for t in tokens]
