@@ -219,6 +219,11 @@ def check_request(model: Model, prompts: list[list[int]], max_tokens: int) -> No
         )
 
 
+def resolve_settings(model: Model, **given: Any) -> DiffusionSettings:
+    """Explicit values, else the checkpoint's generation config, else the reference defaults."""
+    return DiffusionSettings(**{**model.generation_defaults, **{k: v for k, v in given.items() if v is not None}})
+
+
 def _trim_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
@@ -230,12 +235,12 @@ def stream_generate(
     prompt: Prompt,
     max_tokens: int = 256,
     *,
-    steps: int = 48,
-    entropy_bound: float = 0.1,
-    t_min: float = 0.4,
-    t_max: float = 0.8,
-    confidence_threshold: float = 0.005,
-    stability_threshold: int = 1,
+    steps: int | None = None,
+    entropy_bound: float | None = None,
+    t_min: float | None = None,
+    t_max: float | None = None,
+    confidence_threshold: float | None = None,
+    stability_threshold: int | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
     draft: bool = False,
@@ -243,10 +248,15 @@ def stream_generate(
 ) -> Iterator[GenerationResponse]:
     """Stream a reply canvas by canvas; with ``draft``, also each denoising step's draft.
 
-    ``seed`` makes the output reproducible; ``noise`` replaces the seeded randomness
-    altogether (tests pin it to compare with the reference implementation).
+    Denoising settings left as ``None`` come from the checkpoint's generation config, else
+    the reference defaults (``DiffusionSettings``). ``seed`` makes the output reproducible;
+    ``noise`` replaces the seeded randomness altogether (tests pin it to compare with the
+    reference implementation).
     """
-    settings = DiffusionSettings(steps, entropy_bound, t_min, t_max, confidence_threshold, stability_threshold)
+    settings = resolve_settings(
+        model, steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
+        confidence_threshold=confidence_threshold, stability_threshold=stability_threshold,
+    )
     ids = prepare_prompt(tokenizer, prompt)
     check_request(model, [ids], max_tokens)
     if isinstance(stop, str):
@@ -315,12 +325,15 @@ def batch_generate(
     noise: Noise | None = None,
     **settings: Any,
 ) -> list[str]:
-    """Replies to several prompts at once; each row gets what it would get alone with the same seed."""
+    """Replies to several prompts at once; each row gets what it would get alone with the same seed.
+
+    ``settings`` are ``DiffusionSettings`` fields (``steps``, ``entropy_bound``, ...).
+    """
     ids = [prepare_prompt(tokenizer, p) for p in prompts]
     check_request(model, ids, max_tokens)
     tokens = [[] for _ in ids]
     events = generate_step(
-        model, ids, max_tokens=max_tokens, settings=DiffusionSettings(**settings),
+        model, ids, max_tokens=max_tokens, settings=resolve_settings(model, **settings),
         eos_token_ids=tokenizer.eos_token_ids, noise=noise or SeededNoise(model.args.vocab_size, seed),
         pad_token_id=model.args.pad_token_id or 0,
     )

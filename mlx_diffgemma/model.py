@@ -349,6 +349,8 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.model = Backbone(args)
+        # Denoising settings named by the checkpoint's generation_config.json (set by the loader).
+        self.generation_defaults: dict[str, Any] = {}
 
     @property
     def layers(self) -> list[TransformerBlock]:

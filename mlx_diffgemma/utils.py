@@ -14,6 +14,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer_wrapper
 
 from .model import ConfigError, Model, ModelArgs
+from .sampler import DiffusionSettings
 
 # What a text-only load needs from a hub snapshot.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
@@ -35,7 +36,11 @@ def get_model_path(path_or_repo: str | Path, revision: str | None = None) -> Pat
         raise CheckpointError(f"{path_or_repo}: no such folder, and not a hub id of the form org/name")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path_or_repo), revision=revision, allow_patterns=ALLOW_PATTERNS))
+    try:
+        return Path(snapshot_download(str(path_or_repo), revision=revision, allow_patterns=ALLOW_PATTERNS))
+    except Exception as e:  # network, auth, missing repo: one readable line for the user
+        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise CheckpointError(f"cannot fetch {path_or_repo} from the hub: {reason[:300]}") from None
 
 
 def load_config(model_path: Path) -> dict[str, Any]:
@@ -117,6 +122,7 @@ def load_model(model_path: Path, dtype: mx.Dtype | None = None) -> Model:
         apply_quantization(model, quantization, weights)
     check_weights(model, weights)
     model.load_weights(list(weights.items()), strict=True)
+    model.generation_defaults = DiffusionSettings.from_generation_config(load_generation_config(model_path))
     if dtype is not None:
         model.set_dtype(dtype)
     mx.eval(model.parameters())
@@ -124,15 +130,17 @@ def load_model(model_path: Path, dtype: mx.Dtype | None = None) -> Model:
     return model
 
 
+def load_generation_config(model_path: Path) -> dict[str, Any]:
+    gen_file = model_path / "generation_config.json"
+    return json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+
+
 def eos_token_ids(model_path: Path, args: ModelArgs) -> list[int]:
     """End-of-sequence ids: the generation config's when present, else the model config's."""
-    ids = list(args.eos_token_ids)
-    gen_file = model_path / "generation_config.json"
-    if gen_file.is_file():
-        eos = json.loads(gen_file.read_text()).get("eos_token_id")
-        if eos is not None:
-            ids = [eos] if isinstance(eos, int) else list(eos)
-    return ids
+    eos = load_generation_config(model_path).get("eos_token_id")
+    if eos is None:
+        return list(args.eos_token_ids)
+    return [eos] if isinstance(eos, int) else list(eos)
 
 
 def load_tokenizer(model_path: Path, args: ModelArgs) -> TokenizerWrapper:

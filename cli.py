@@ -1,0 +1,96 @@
+"""The ``mlx-diffgemma`` command: a thin typer app over the library."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
+DEFAULT_MAX_TOKENS = 512
+
+app = typer.Typer(
+    help="Run Google's DiffusionGemma text diffusion model locally with MLX.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ModelOption = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub id (org/name) or local folder of a DiffusionGemma checkpoint.")
+MaxTokens = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", help="Most tokens to generate (in canvases of the model's canvas length).")
+Steps = typer.Option(None, "--steps", help="Most denoising steps per canvas (default: the checkpoint's, else 48).")
+EntropyBound = typer.Option(None, "--entropy-bound", help="Entropy budget for accepting tokens per step; higher accepts more (default 0.1).")
+TMin = typer.Option(None, "--t-min", help="Temperature at the last denoising step (default 0.4).")
+TMax = typer.Option(None, "--t-max", help="Temperature at the first denoising step (default 0.8).")
+Seed = typer.Option(None, "--seed", help="Random seed, for reproducible output.")
+
+
+@app.callback()
+def main():
+    """Run Google's DiffusionGemma text diffusion model locally with MLX."""
+
+
+def fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def load_or_fail(model: str):
+    from mlx_diffgemma import load
+
+    try:
+        return load(model)
+    except (ValueError, OSError) as e:
+        fail(f"cannot load {model}: {e}")
+
+
+@app.command()
+def generate(
+    prompt: Optional[str] = typer.Argument(None, help="The prompt; read from standard input when omitted or '-'."),
+    model: str = ModelOption,
+    max_tokens: int = MaxTokens,
+    steps: Optional[int] = Steps,
+    entropy_bound: Optional[float] = EntropyBound,
+    t_min: Optional[float] = TMin,
+    t_max: Optional[float] = TMax,
+    seed: Optional[int] = Seed,
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
+    stats: bool = typer.Option(False, "--stats", help="Print speed and denoising statistics to standard error."),
+):
+    """Answer one prompt and print the reply as it is committed, canvas by canvas."""
+    from mlx_diffgemma import stream_generate
+
+    if prompt is None or prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        fail("empty prompt")
+    model_obj, tokenizer = load_or_fail(model)
+    request = prompt if raw else [{"role": "user", "content": prompt}]
+    last = None
+    try:
+        for last in stream_generate(
+            model_obj, tokenizer, request, max_tokens, steps=steps, entropy_bound=entropy_bound,
+            t_min=t_min, t_max=t_max, seed=seed,
+        ):
+            print(last.text, end="", flush=True)
+    except ValueError as e:
+        fail(str(e))
+    print()
+    if stats and last is not None:
+        typer.echo(format_stats(last), err=True)
+
+
+def format_stats(r) -> str:
+    steps = r.steps_per_canvas
+    mean_steps = sum(steps) / len(steps) if steps else 0.0
+    return (
+        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s | "
+        f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s | "
+        f"{mean_steps:.1f} steps/canvas, {r.tokens_per_forward:.2f} tokens/forward | "
+        f"peak memory {r.peak_memory * 1e3:.1f} MB"
+    )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,178 @@
+"""The Python generation API: stopping rules, streaming, seeds, batches, bad input."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from mlx_diffgemma import batch_generate, generate, load, stream_generate
+
+FAST = dict(steps=4)  # a short schedule keeps these tests quick; the loop is the same
+PROMPT = [{"role": "user", "content": "Hello world"}]
+
+
+@pytest.fixture(scope="module")
+def loaded(hf_checkpoint):
+    return load(hf_checkpoint)
+
+
+def run(loaded, prompt=PROMPT, max_tokens=40, **kwargs):
+    model, tokenizer = loaded
+    return list(stream_generate(model, tokenizer, prompt, max_tokens, **{**FAST, **kwargs}))
+
+
+def test_same_seed_same_text_and_different_seed_different_text(loaded):
+    model, tokenizer = loaded
+    a = generate(model, tokenizer, PROMPT, 40, seed=1, **FAST)
+    b = generate(model, tokenizer, PROMPT, 40, seed=1, **FAST)
+    c = generate(model, tokenizer, PROMPT, 40, seed=2, **FAST)
+    assert a == b and a != c
+
+
+def test_stream_and_generate_give_the_same_text(loaded):
+    model, tokenizer = loaded
+    streamed = "".join(r.text for r in run(loaded, seed=3))
+    assert streamed == generate(model, tokenizer, PROMPT, 40, seed=3, **FAST)
+
+
+def test_max_tokens_shorter_than_a_canvas(loaded):
+    model, tokenizer = loaded
+    tokenizer.eos_token_ids = []  # no EOS: only the length rule can stop it
+    try:
+        last = run(loaded, max_tokens=5, seed=4)[-1]
+    finally:
+        tokenizer.eos_token_ids = [1, 106]
+    assert last.generation_tokens == 5 and last.finish_reason == "length"
+    assert len(last.steps_per_canvas) == 1
+
+
+def test_length_is_counted_across_canvases(loaded):
+    model, tokenizer = loaded
+    tokenizer.eos_token_ids = []
+    try:
+        responses = run(loaded, max_tokens=40, seed=5)
+    finally:
+        tokenizer.eos_token_ids = [1, 106]
+    last = responses[-1]
+    assert last.generation_tokens == 40 and last.finish_reason == "length"
+    assert len(last.steps_per_canvas) == 3  # canvases of 16
+    assert all(1 <= s <= FAST["steps"] for s in last.steps_per_canvas)
+
+
+def test_eos_stops_and_is_dropped(loaded):
+    model, tokenizer = loaded
+    free = _tokens(loaded, seed=6, eos=[])
+    eos = next(t for t in free[20:] if t not in free[:20])
+    cut = free.index(eos)
+    assert _tokens(loaded, seed=6, eos=[eos]) == free[:cut]
+    tokenizer.eos_token_ids = [eos]
+    try:
+        responses = run(loaded, seed=6)
+    finally:
+        tokenizer.eos_token_ids = [1, 106]
+    assert "".join(r.text for r in responses) == tokenizer.decode(free[:cut])
+    assert responses[-1].finish_reason == "stop" and responses[-1].generation_tokens == cut
+
+
+def _tokens(loaded, seed, eos):
+    from mlx_diffgemma.generate import Canvas, SeededNoise, generate_step, resolve_settings, prepare_prompt
+
+    model, tokenizer = loaded
+    out = []
+    for event in generate_step(model, [prepare_prompt(tokenizer, PROMPT)], max_tokens=40,
+                               settings=resolve_settings(model, **FAST), eos_token_ids=eos,
+                               noise=SeededNoise(model.args.vocab_size, seed)):
+        if isinstance(event, Canvas):
+            out += event.tokens[0]
+    return out
+
+
+def test_stop_string_cuts_the_text(loaded):
+    model, tokenizer = loaded
+    full = generate(model, tokenizer, PROMPT, 40, seed=7, **FAST)
+    words = [w for w in re.findall(r"\S{2,}", full) if full.count(w) == 1 and full.index(w) > 5]
+    stop = words[0]
+    responses = run(loaded, seed=7, stop=[stop])
+    text = "".join(r.text for r in responses)
+    assert text == full[: full.index(stop)]
+    assert responses[-1].finish_reason == "stop"
+
+
+def test_draft_updates_show_each_denoising_step(loaded):
+    responses = run(loaded, max_tokens=16, seed=8, draft=True)
+    drafts = [r for r in responses if r.draft is not None]
+    assert drafts and all(r.text == "" for r in drafts)
+    assert [r.step for r in drafts] == list(range(1, len(drafts) + 1))
+    assert len(drafts) == responses[-1].steps_per_canvas[0]
+
+
+def test_statistics(loaded):
+    model, tokenizer = loaded
+    last = run(loaded, seed=9)[-1]
+    prompt_ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True)
+    assert last.prompt_tokens == len(prompt_ids)
+    assert last.prompt_tps > 0 and last.generation_tps > 0 and last.peak_memory > 0
+    assert 0 < last.tokens_per_forward <= 16
+
+
+def test_prompt_as_text_ids_or_messages(loaded):
+    model, tokenizer = loaded
+    ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True)
+    from_messages = generate(model, tokenizer, PROMPT, 16, seed=10, **FAST)
+    assert generate(model, tokenizer, ids, 16, seed=10, **FAST) == from_messages
+    assert isinstance(generate(model, tokenizer, "Hello world", 16, seed=10, **FAST), str)
+
+
+def test_batch_rows_match_each_prompt_alone(loaded):
+    model, tokenizer = loaded
+    prompts = [PROMPT, "The quick brown fox jumps over the lazy dog. Hello world, how are you today?"]
+    batched = batch_generate(model, tokenizer, prompts, 40, seed=11, **FAST)
+    alone = [generate(model, tokenizer, p, 40, seed=11, **FAST) for p in prompts]
+    assert batched == alone
+
+
+def test_checkpoint_generation_config_sets_defaults(loaded):
+    model, tokenizer = loaded
+    model.generation_defaults = {"steps": 2}
+    try:
+        last = run(loaded, seed=12, steps=None)[-1]
+    finally:
+        model.generation_defaults = {}
+    assert max(last.steps_per_canvas) <= 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_tokens=0), "max_tokens must be a positive integer"),
+        (dict(steps=0), "steps must be a positive integer"),
+        (dict(t_min=0.9, t_max=0.5), "t_max must be >= t_min"),
+        (dict(entropy_bound=-1.0), "entropy_bound must be a number > 0"),
+        (dict(prompt=""), "prompt is empty"),
+        (dict(prompt=[5, 100000]), "outside the vocabulary"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(loaded, kwargs, message):
+    model, tokenizer = loaded
+    kwargs = {"prompt": PROMPT, "max_tokens": 16, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        generate(model, tokenizer, **kwargs)
+
+
+def test_prompt_longer_than_the_context_is_refused(loaded):
+    model, tokenizer = loaded
+    limit = model.args.max_position_embeddings
+    model.args.max_position_embeddings = 40
+    try:
+        with pytest.raises(ValueError, match="prompt too long"):
+            generate(model, tokenizer, list(range(5, 35)), 16)
+    finally:
+        model.args.max_position_embeddings = limit
+
+
+def test_readme_python_example_runs(hf_checkpoint, capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    assert "mlx-community/diffusiongemma-26B-A4B-it-4bit" in code
+    exec(code.replace("mlx-community/diffusiongemma-26B-A4B-it-4bit", str(hf_checkpoint)), {})
+    assert capsys.readouterr().out.strip()
