@@ -24,6 +24,7 @@ EntropyBound = typer.Option(None, "--entropy-bound", help="Entropy budget for ac
 TMin = typer.Option(None, "--t-min", help="Temperature at the last denoising step (default 0.4).")
 TMax = typer.Option(None, "--t-max", help="Temperature at the first denoising step (default 0.8).")
 Seed = typer.Option(None, "--seed", help="Random seed, for reproducible output.")
+CanvasLength = typer.Option(None, "--canvas-length", help="Tokens denoised together (default: the model's, 256).")
 
 
 @app.callback()
@@ -54,6 +55,7 @@ def generate(
     entropy_bound: Optional[float] = EntropyBound,
     t_min: Optional[float] = TMin,
     t_max: Optional[float] = TMax,
+    canvas_length: Optional[int] = CanvasLength,
     seed: Optional[int] = Seed,
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
     stats: bool = typer.Option(False, "--stats", help="Print speed and denoising statistics to standard error."),
@@ -71,24 +73,42 @@ def generate(
     try:
         for last in stream_generate(
             model_obj, tokenizer, request, max_tokens, steps=steps, entropy_bound=entropy_bound,
-            t_min=t_min, t_max=t_max, seed=seed,
+            t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed,
         ):
             print(last.text, end="", flush=True)
     except ValueError as e:
         fail(str(e))
     print()
     if stats and last is not None:
+        from mlx_diffgemma.repl import format_stats
+
         typer.echo(format_stats(last), err=True)
 
 
-def format_stats(r) -> str:
-    steps = r.steps_per_canvas
-    mean_steps = sum(steps) / len(steps) if steps else 0.0
-    return (
-        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s | "
-        f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s | "
-        f"{mean_steps:.1f} steps/canvas, {r.tokens_per_forward:.2f} tokens/forward | "
-        f"peak memory {r.peak_memory * 1e3:.1f} MB"
+@app.command()
+def chat(
+    model: str = ModelOption,
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    max_tokens: int = MaxTokens,
+    steps: Optional[int] = Steps,
+    entropy_bound: Optional[float] = EntropyBound,
+    t_min: Optional[float] = TMin,
+    t_max: Optional[float] = TMax,
+    canvas_length: Optional[int] = CanvasLength,
+    seed: Optional[int] = Seed,
+    no_draft: bool = typer.Option(False, "--no-draft", help="Stream committed text only, without the live denoising view."),
+):
+    """Chat in the terminal; each canvas is shown denoising live. /help lists the commands."""
+    from rich.console import Console
+
+    from mlx_diffgemma.repl import run_chat
+
+    console = Console(highlight=False)
+    with console.status(f"Loading {model} ..."):
+        model_obj, tokenizer = load_or_fail(model)
+    run_chat(
+        model_obj, tokenizer, system=system, draft=not no_draft, console=console, max_tokens=max_tokens,
+        steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed,
     )
 
 

@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import wired_limit
 
+from .cache import DiffusionCache
 from .model import Model
 from .sampler import DiffusionSettings, accept, entropy, is_stable, renoise, sample, temperature
 
@@ -86,7 +87,7 @@ def denoise_canvas(
     model: Model, cache, index: int, batch_size: int, settings: DiffusionSettings, noise: Noise
 ) -> Generator[Draft, None, tuple[mx.array, list[int]]]:
     """Denoise one canvas; yields a draft per step, returns the argmax canvas and per-row passes."""
-    shape = (batch_size, model.args.canvas_length)
+    shape = (batch_size, settings.canvas_length)
     canvas = noise.initial_canvas(index, shape)
     argmax, logits, history = canvas, None, []
     done = mx.zeros((batch_size,), dtype=mx.bool_)
@@ -143,17 +144,25 @@ def generate_step(
     eos_token_ids: Sequence[int],
     noise: Noise,
     pad_token_id: int = 0,
+    cache: DiffusionCache | None = None,
 ) -> Iterator[Draft | Canvas]:
-    """Generate for a batch of token-id prompts (left-padded); yields drafts and committed canvases."""
+    """Generate for a batch of token-id prompts (left-padded); yields drafts and committed canvases.
+
+    With ``cache`` (one prompt), the prompt continues what the cache already holds. Committed
+    canvases are encoded into the cache as the next one starts; the last one is not.
+    """
     lengths = [len(p) for p in prompts]
     width = max(lengths)
-    cache = model.make_cache(left_padding=[width - n for n in lengths])
+    if cache is None:
+        cache = model.make_cache(left_padding=[width - n for n in lengths])
+    elif len(prompts) != 1:
+        raise ValueError("a reused cache serves one prompt at a time")
     ids = mx.array([[pad_token_id] * (width - len(p)) + list(p) for p in prompts])
     prefill(model, ids, cache)
     budgets = [max_tokens] * len(prompts)
     reasons: list[str | None] = [None] * len(prompts)
     eos = set(eos_token_ids)
-    for index in range(math.ceil(max_tokens / model.args.canvas_length)):
+    for index in range(math.ceil(max_tokens / settings.canvas_length)):
         if index > 0:
             model.encode(argmax, cache)
         argmax, passes = yield from denoise_canvas(model, cache, index, len(prompts), settings, noise)
@@ -178,6 +187,7 @@ class GenerationResponse:
     """One streamed update: a committed text delta, or (with ``draft=True``) the live draft."""
 
     text: str  # newly committed text ("" for draft updates)
+    tokens: list[int]  # newly committed token ids (EOS excluded)
     draft: str | None  # the current canvas's argmax text, during denoising
     step: int | None  # denoising step of the draft
     prompt_tokens: int
@@ -202,7 +212,7 @@ def prepare_prompt(tokenizer, prompt: Prompt) -> list[int]:
     raise ValueError("prompt must be a string, a list of token ids, or a list of chat messages")
 
 
-def check_request(model: Model, prompts: list[list[int]], max_tokens: int) -> None:
+def check_request(model: Model, prompts: list[list[int]], max_tokens: int, canvas: int) -> None:
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive integer (got {max_tokens!r})")
     if any(len(p) == 0 for p in prompts):
@@ -210,7 +220,6 @@ def check_request(model: Model, prompts: list[list[int]], max_tokens: int) -> No
     vocab = model.args.vocab_size
     if any(not 0 <= t < vocab for p in prompts for t in p):
         raise ValueError(f"prompt has token ids outside the vocabulary (0..{vocab - 1})")
-    canvas = model.args.canvas_length
     needed = max(len(p) for p in prompts) + math.ceil(max_tokens / canvas) * canvas
     if needed > model.args.max_position_embeddings:
         raise ValueError(
@@ -221,7 +230,27 @@ def check_request(model: Model, prompts: list[list[int]], max_tokens: int) -> No
 
 def resolve_settings(model: Model, **given: Any) -> DiffusionSettings:
     """Explicit values, else the checkpoint's generation config, else the reference defaults."""
-    return DiffusionSettings(**{**model.generation_defaults, **{k: v for k, v in given.items() if v is not None}})
+    explicit = {k: v for k, v in given.items() if v is not None}
+    return DiffusionSettings(**{"canvas_length": model.args.canvas_length, **model.generation_defaults, **explicit})
+
+
+@dataclass
+class PromptCache:
+    """A KV cache kept between requests (chat turns), with the token ids it holds."""
+
+    cache: DiffusionCache | None = None
+    tokens: list[int] = field(default_factory=list)
+
+    def prepare(self, model: Model, ids: list[int]) -> list[int]:
+        """Keep the cache when it holds a prefix of ``ids``; return the ids still to encode."""
+        n = len(self.tokens)
+        if self.cache is None or n >= len(ids) or ids[:n] != self.tokens:
+            self.reset(model)
+            n = 0
+        return ids[n:]
+
+    def reset(self, model: Model) -> None:
+        self.cache, self.tokens = model.make_cache(), []
 
 
 def _trim_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -241,24 +270,28 @@ def stream_generate(
     t_max: float | None = None,
     confidence_threshold: float | None = None,
     stability_threshold: int | None = None,
+    canvas_length: int | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
     draft: bool = False,
     noise: Noise | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream a reply canvas by canvas; with ``draft``, also each denoising step's draft.
 
     Denoising settings left as ``None`` come from the checkpoint's generation config, else
     the reference defaults (``DiffusionSettings``). ``seed`` makes the output reproducible;
     ``noise`` replaces the seeded randomness altogether (tests pin it to compare with the
-    reference implementation).
+    reference implementation). With ``prompt_cache``, a prompt that extends the cached
+    tokens (the next turn of a chat) encodes only what is new.
     """
     settings = resolve_settings(
         model, steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
         confidence_threshold=confidence_threshold, stability_threshold=stability_threshold,
+        canvas_length=canvas_length,
     )
     ids = prepare_prompt(tokenizer, prompt)
-    check_request(model, [ids], max_tokens)
+    check_request(model, [ids], max_tokens, settings.canvas_length)
     if isinstance(stop, str):
         stop = [stop]
     noise = noise or SeededNoise(model.args.vocab_size, seed)
@@ -269,19 +302,21 @@ def stream_generate(
     start = time.perf_counter()
     prompt_time = None
 
-    def response(delta: str, draft_text=None, step=None, reason=None) -> GenerationResponse:
+    def response(delta: str, new_tokens=(), draft_text=None, step=None, reason=None) -> GenerationResponse:
         elapsed = time.perf_counter() - start - (prompt_time or 0.0)
         return GenerationResponse(
-            text=delta, draft=draft_text, step=step, prompt_tokens=len(ids),
+            text=delta, tokens=list(new_tokens), draft=draft_text, step=step, prompt_tokens=len(ids),
             prompt_tps=len(ids) / prompt_time if prompt_time else 0.0,
             generation_tokens=len(tokens), generation_tps=len(tokens) / elapsed if elapsed > 0 else 0.0,
             steps_per_canvas=list(steps_per_canvas), tokens_per_forward=valid / passes if passes else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=reason,
         )
 
+    to_encode = prompt_cache.prepare(model, ids) if prompt_cache is not None else ids
     events = generate_step(
-        model, [ids], max_tokens=max_tokens, settings=settings,
-        eos_token_ids=tokenizer.eos_token_ids, noise=noise, pad_token_id=model.args.pad_token_id or 0,
+        model, [to_encode], max_tokens=max_tokens, settings=settings, eos_token_ids=tokenizer.eos_token_ids,
+        noise=noise, pad_token_id=model.args.pad_token_id or 0,
+        cache=prompt_cache.cache if prompt_cache is not None else None,
     )
     with wired_limit(model):
         try:
@@ -290,8 +325,9 @@ def stream_generate(
                     prompt_time = time.perf_counter() - start
                 if isinstance(event, Draft):
                     if draft:
-                        yield response("", tokenizer.decode(event.tokens[0].tolist()), event.step)
+                        yield response("", (), tokenizer.decode(event.tokens[0].tolist()), event.step)
                     continue
+                committed = len(tokens)
                 tokens += event.tokens[0]
                 steps_per_canvas.append(event.steps)
                 passes += event.forward_passes[0]
@@ -302,11 +338,16 @@ def stream_generate(
                 end = len(text) if reason else max(sent, len(text.rstrip("\ufffd")) - hold)
                 delta, sent = text[sent:end], max(sent, end)
                 if reason:
-                    yield response(delta, reason=reason)
+                    yield response(delta, tokens[committed:], reason=reason)
                     return
-                if delta:
-                    yield response(delta)
+                yield response(delta, tokens[committed:])
+        except (Exception, KeyboardInterrupt):
+            if prompt_cache is not None:  # interrupted mid-computation: the cache may be half-written
+                prompt_cache.reset(model)
+            raise
         finally:
+            if prompt_cache is not None and prompt_cache.cache.offset:
+                prompt_cache.tokens = (ids + tokens)[: prompt_cache.cache.offset]
             mx.clear_cache()
 
 
@@ -330,10 +371,11 @@ def batch_generate(
     ``settings`` are ``DiffusionSettings`` fields (``steps``, ``entropy_bound``, ...).
     """
     ids = [prepare_prompt(tokenizer, p) for p in prompts]
-    check_request(model, ids, max_tokens)
+    resolved = resolve_settings(model, **settings)
+    check_request(model, ids, max_tokens, resolved.canvas_length)
     tokens = [[] for _ in ids]
     events = generate_step(
-        model, ids, max_tokens=max_tokens, settings=resolve_settings(model, **settings),
+        model, ids, max_tokens=max_tokens, settings=resolved,
         eos_token_ids=tokenizer.eos_token_ids, noise=noise or SeededNoise(model.args.vocab_size, seed),
         pad_token_id=model.args.pad_token_id or 0,
     )

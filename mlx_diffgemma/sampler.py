@@ -26,10 +26,12 @@ class DiffusionSettings:
     t_max: float = 0.8
     confidence_threshold: float = 0.005
     stability_threshold: int = 1
+    canvas_length: int = 256  # tokens denoised together; the model's own unless overridden
 
     def __post_init__(self):
         checks = [
             (isinstance(self.steps, int) and self.steps > 0, "steps must be a positive integer"),
+            (isinstance(self.canvas_length, int) and self.canvas_length > 0, "canvas_length must be a positive integer"),
             (_positive(self.entropy_bound), "entropy_bound must be a number > 0"),
             (_number(self.t_min) and self.t_min >= 0, "t_min must be a number >= 0"),
             (_number(self.t_max) and self.t_max > 0, "t_max must be a number > 0"),

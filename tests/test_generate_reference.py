@@ -115,7 +115,9 @@ def run_reference(reference, prompt, settings, eos, noise, monkeypatch):
 PROMPT = [2, 105, 300, 301, 302, 106, 10, 105, 20]
 
 
-SETTINGS = DiffusionSettings(steps=STEPS, entropy_bound=1.0, confidence_threshold=3.0, stability_threshold=0)
+SETTINGS = DiffusionSettings(
+    steps=STEPS, entropy_bound=1.0, confidence_threshold=3.0, stability_threshold=0, canvas_length=CANVAS
+)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

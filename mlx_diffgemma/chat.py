@@ -1,0 +1,90 @@
+"""Multi-turn chat on top of ``stream_generate``: history, cache reuse, and reply formatting.
+
+Gemma 4's chat format may put a reasoning span ``<|channel>thought\\n...<channel|>`` before
+the answer and tool calls as ``<|tool_call>call:NAME{...}<tool_call|>``; ``split_reply``
+separates them so that no marker reaches the user as text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .generate import GenerationResponse, PromptCache, stream_generate
+from .model import Model
+
+REASONING = re.compile(r"<\|channel>(?:thought)?\n?(.*?)(?:<channel\|>|$)", re.S)
+TOOL_CALL = re.compile(r"<\|tool_call>call:(.*?)(?:<tool_call\|>|$)", re.S)
+MARKERS = re.compile(r"<\|?(?:turn|channel|tool_call|tool_response|tool|think)\|?>|<bos>|<eos>")
+
+
+@dataclass
+class Reply:
+    answer: str
+    reasoning: str
+    tool_calls: list[str]
+
+
+def split_reply(text: str) -> Reply:
+    """Answer, reasoning and tool calls of a (possibly partial) model reply, markers removed."""
+    reasoning = "\n".join(m.strip() for m in REASONING.findall(text))
+    tool_calls = [m.strip() for m in TOOL_CALL.findall(text)]
+    answer = TOOL_CALL.sub("", REASONING.sub("", text))
+    return Reply(MARKERS.sub("", answer).strip(), MARKERS.sub("", reasoning), tool_calls)
+
+
+class ChatSession:
+    """A conversation with one model. Each turn encodes only the tokens the cache lacks:
+    the conversation so far is kept as the exact token ids the model saw and wrote, and a
+    new turn appends the chat template's text for it."""
+
+    def __init__(self, model: Model, tokenizer, system: str | None = None, **options: Any):
+        self.model, self.tokenizer, self.options = model, tokenizer, options
+        self.system = system
+        self.prompt_cache = PromptCache()
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
+        self.history_ids: list[int] = []
+        self.last: GenerationResponse | None = None
+        self.prompt_cache.reset(self.model)
+
+    def set_system(self, text: str) -> None:
+        """A new system prompt starts a new conversation."""
+        self.system = text or None
+        self.reset()
+
+    def prompt_ids(self) -> list[int]:
+        text = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=False)
+        if self.history_ids:
+            seen = self.tokenizer.decode(self.history_ids)
+            if text.startswith(seen):
+                return self.history_ids + self.tokenizer.encode(text[len(seen):], add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def send(self, text: str, **options: Any) -> Iterator[GenerationResponse]:
+        """Stream the reply to a user message. An interrupted reply is kept as far as it got;
+        a refused one (bad settings, prompt too long) leaves the history as it was."""
+        self.messages.append({"role": "user", "content": text})
+        try:
+            ids = self.prompt_ids()
+            stream = stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.prompt_cache,
+                                     **{**self.options, **options})
+            first = next(stream, None)  # checks the request and prefills
+        except BaseException:
+            self.messages.pop()
+            raise
+        reply: list[int] = []
+        try:
+            for response in itertools.chain([first] if first is not None else [], stream):
+                reply += response.tokens
+                self.last = response
+                yield response
+        finally:
+            stream.close()
+            self.messages.append({"role": "assistant", "content": self.tokenizer.decode(reply)})
+            self.history_ids = ids + reply

@@ -1,0 +1,125 @@
+"""The terminal chat: a REPL over ``ChatSession`` that shows each canvas denoising live."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
+from .chat import ChatSession, split_reply
+from .generate import GenerationResponse
+
+HELP = """Commands:
+  /reset           forget the conversation
+  /system <text>   set the system prompt (starts a new conversation)
+  /stats           speed and denoising statistics of the last reply
+  /save <file>     write the conversation as JSON
+  /exit            quit (or Ctrl-D)
+Ctrl-C stops a reply; the conversation keeps what was said."""
+
+
+def format_stats(r: GenerationResponse) -> str:
+    steps = r.steps_per_canvas
+    mean_steps = sum(steps) / len(steps) if steps else 0.0
+    return (
+        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s | "
+        f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s | "
+        f"{mean_steps:.1f} steps/canvas, {r.tokens_per_forward:.2f} tokens/forward | "
+        f"peak memory {r.peak_memory * 1e3:.1f} MB"
+    )
+
+
+def render(committed: str, draft: str | None = None) -> Group:
+    """The reply so far: reasoning dimmed, the answer, tool calls, and the settling draft."""
+    reply = split_reply(committed)
+    parts = []
+    if reply.reasoning:
+        parts.append(Text(reply.reasoning, style="dim italic"))
+    parts.append(Text(reply.answer))
+    parts += [Text(f"[tool call] {call}", style="cyan") for call in reply.tool_calls]
+    if draft is not None:
+        parts.append(Text(split_reply(draft).answer, style="dim"))
+    return Group(*parts)
+
+
+class Repl:
+    def __init__(self, session: ChatSession, console: Console, draft: bool = True):
+        self.session, self.console, self.draft = session, console, draft
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False means exit."""
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/reset":
+            self.session.reset()
+            self.console.print("[dim]conversation reset[/dim]")
+        elif name == "/system":
+            self.session.set_system(arg)
+            self.console.print("[dim]system prompt set; conversation reset[/dim]" if arg else "[dim]system prompt cleared[/dim]")
+        elif name == "/stats":
+            last = self.session.last
+            self.console.print(format_stats(last) if last else "no reply yet", markup=False)
+        elif name == "/save":
+            if not arg:
+                self.console.print("usage: /save <file>", style="red")
+            else:
+                try:
+                    Path(arg).expanduser().write_text(json.dumps(self.session.messages, indent=2, ensure_ascii=False))
+                    self.console.print(f"[dim]saved {len(self.session.messages)} messages to {arg}[/dim]")
+                except OSError as e:
+                    self.console.print(f"cannot save: {e}", style="red")
+        else:
+            self.console.print(HELP, markup=False)
+        return True
+
+    def reply(self, text: str) -> None:
+        committed = ""
+        stream = self.session.send(text, draft=self.draft)
+        try:
+            with Live(render(""), console=self.console, refresh_per_second=15, transient=True) as live:
+                for r in stream:
+                    committed += r.text
+                    live.update(render(committed, r.draft))
+        except KeyboardInterrupt:
+            stream.close()
+            self.console.print(render(committed))
+            self.console.print(Text("[interrupted]", style="dim"))
+            return
+        except ValueError as e:
+            self.console.print(f"error: {e}", style="red", markup=False)
+            return
+        self.console.print(render(committed))
+
+    def run(self) -> None:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        self.console.print("[dim]Type a message, /help for commands, Ctrl-D to quit.[/dim]")
+        while True:
+            try:
+                line = input(">>> ").strip()
+            except EOFError:
+                self.console.print()
+                return
+            except KeyboardInterrupt:
+                self.console.print()
+                continue
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return
+                continue
+            self.reply(line)
+
+
+def run_chat(model, tokenizer, *, system: str | None, draft: bool, console: Console | None = None, **options: Any) -> None:
+    console = console or Console(highlight=False)
+    Repl(ChatSession(model, tokenizer, system=system, **options), console, draft=draft).run()
