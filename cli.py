@@ -112,5 +112,34 @@ def chat(
     )
 
 
+@app.command()
+def convert(
+    hf_path: str = typer.Option(..., "--hf-path", help="Folder or hub id of the original checkpoint."),
+    mlx_path: str = typer.Option(..., "--mlx-path", help="Output folder (created; must be empty unless --force)."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Weight dtype: bfloat16, float16 or float32."),
+    quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize (the uniform recipe unless --recipe)."),
+    q_bits: Optional[int] = typer.Option(None, "--q-bits", help="Bits per weight for uniform quantization: 2, 3, 4, 5, 6 or 8 (default 4)."),
+    q_group_size: int = typer.Option(64, "--q-group-size", help="Weights per quantization group: 32, 64 or 128."),
+    q_mode: str = typer.Option("affine", "--q-mode", help="Quantization mode: affine, mxfp4, mxfp8 or nvfp4."),
+    recipe: Optional[str] = typer.Option(
+        None, "--recipe", help="uniform, or mixed_L_H (mixed_4_8 = the community 4-bit layout: experts at L bits; "
+        "embeddings, attention, dense MLP and router at H bits). Implies -q."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+):
+    """Convert a checkpoint to MLX format, optionally quantized, shard by shard."""
+    from convert import RecipeError
+    from convert import convert as run_convert
+
+    try:
+        out = run_convert(hf_path, mlx_path, dtype=dtype, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
+                          q_mode=q_mode, recipe=recipe, force=force)
+    except (RecipeError, ValueError, OSError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        typer.secho("interrupted: nothing was written", fg=typer.colors.RED, err=True)
+        raise typer.Exit(130)
+    typer.echo(f"wrote {out}")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,6 @@
+"""Checkpoint conversion and quantization to MLX format (``mlx-diffgemma convert``)."""
+
+from .converter import DTYPES, convert
+from .recipes import MODES, RECIPES, RecipeError
+
+__all__ = ["DTYPES", "MODES", "RECIPES", "RecipeError", "convert"]

@@ -424,13 +424,20 @@ class Model(nn.Module):
 
     @property
     def quant_predicate(self):
-        """Default mixed recipe: 8-bit for embeddings, attention, dense MLP and router, as community conversions."""
+        """The community 4-bit recipe: 8-bit for the sensitive parts (see ``is_sensitive``)."""
 
         def predicate(path: str, module: nn.Module):
             if not hasattr(module, "to_quantized"):
                 return False
-            if path.endswith("embed_tokens") or ".self_attn." in path or ".mlp." in path or ".router." in path:
+            if is_sensitive(path):
                 return {"group_size": 64, "bits": 8} if module.weight.shape[-1] % 64 == 0 else False
             return True
 
         return predicate
+
+
+def is_sensitive(path: str) -> bool:
+    """Modules that mixed-precision recipes keep at higher precision: the embedding table (also
+    the LM head and the self-conditioning product), attention projections, the dense MLP and the
+    router, as the published community 4-bit conversion does; the routed experts take the rest."""
+    return path.endswith("embed_tokens") or any(part in path for part in (".self_attn.", ".mlp.", ".router."))

@@ -1,0 +1,256 @@
+"""Convert a DiffusionGemma checkpoint to MLX format, shard by shard.
+
+The output is the layout MLX conversions on the hub use: ``model-0000k-of-0000n.safetensors``
+with an index, ``config.json`` with a ``quantization`` block (defaults plus per-module
+overrides), tokenizer files, the generation config and a model card. It is written to a
+hidden folder beside the target and moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from mlx_diffgemma.model import Model, ModelArgs
+from mlx_diffgemma.utils import (
+    INDEX_FILE,
+    CheckpointError,
+    get_model_path,
+    load_config,
+    quantization_config,
+    weight_files,
+)
+
+from .recipes import Params, RecipeError, make_predicate
+
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+DEFAULT_SHARD_BYTES = 5 * 2**30
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "chat_template.jinja", "chat_template.json", "generation_config.json",
+)
+
+
+class ShardWriter:
+    """Collects output tensors and writes a shard whenever ``max_bytes`` is reached."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict[str, mx.array] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+
+    def add(self, name: str, value: mx.array) -> None:
+        mx.eval(value)
+        self.pending[name] = value
+        self.pending_bytes += value.nbytes
+        if self.pending_bytes >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        mx.save_safetensors(str(self.folder / f"shard-{len(self.shards)}.safetensors"), self.pending, metadata={"format": "mlx"})
+        self.shards.append(sorted(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> int:
+        """Name the shards ``model-0000k-of-0000n`` and write the index; returns the total bytes."""
+        self.flush()
+        weight_map, total = {}, 0
+        for i, names in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
+            (self.folder / f"shard-{i}.safetensors").rename(self.folder / final)
+            total += (self.folder / final).stat().st_size
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        return total
+
+
+def quantizable_modules(model: Model) -> dict[str, Any]:
+    return {path: module for path, module in model.named_modules() if hasattr(module, "to_quantized")}
+
+
+def convert_tensors(
+    files: list[Path], model: Model, dtype: mx.Dtype, predicate, writer: ShardWriter
+) -> Iterator[tuple[int, dict[str, Params]]]:
+    """Cast (and quantize) each tensor in turn; yields source bytes done and the per-module
+    quantization chosen so far. Only one input shard is open at a time."""
+    modules = quantizable_modules(model)
+    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    seen: set[str] = set()
+    chosen: dict[str, Params] = {}
+    for file in files:
+        tensors = model.sanitize(mx.load(str(file)))
+        for name, value in tensors.items():
+            if name not in expected:
+                raise CheckpointError(f"{file.name}: unexpected tensor {name}")
+            if tuple(value.shape) != tuple(expected[name]):
+                raise CheckpointError(f"{file.name}: {name} has shape {tuple(value.shape)}, expected {tuple(expected[name])}")
+            seen.add(name)
+            path, _, leaf = name.rpartition(".")
+            params = predicate(path, value.shape) if predicate and leaf == "weight" and path in modules else None
+            if params is None:
+                writer.add(name, value.astype(dtype))
+            else:
+                chosen[path] = params
+                q = mx.quantize(value.astype(dtype), params["group_size"], params["bits"], mode=params["mode"])
+                for suffix, array in zip(("weight", "scales", "biases"), q):
+                    writer.add(f"{path}.{suffix}", array)
+            yield value.nbytes, chosen
+        del tensors
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise CheckpointError(f"{len(missing)} tensor(s) missing from the checkpoint: {', '.join(missing[:5])}")
+
+
+def quantization_block(default: Params, chosen: dict[str, Params]) -> dict[str, Any]:
+    """Defaults, then the modules whose parameters differ from them."""
+    block: dict[str, Any] = dict(default)
+    block.update({path: params for path, params in sorted(chosen.items()) if params != default})
+    return block
+
+
+def model_card(source: str, dtype: str, quantization: dict[str, Any] | None, recipe: str | None, size: int) -> str:
+    if quantization is None:
+        precision = f"{dtype}, not quantized"
+    else:
+        precision = (f"{quantization['bits']}-bit {quantization['mode']} (group size {quantization['group_size']})"
+                     f"{f', recipe {recipe}' if recipe else ''}; per-module overrides are in config.json")
+    return f"""---
+library_name: mlx
+license: apache-2.0
+base_model: {source}
+tags: [mlx, diffusion_gemma, text-diffusion]
+---
+
+# {source} for MLX
+
+Converted with `mlx-diffgemma convert` from `{source}`.
+
+- Weights: {precision}; {size / 2**30:.2f} GiB on disk.
+- Text only: the vision tower of the original checkpoint is not included.
+
+```bash
+mlx-diffgemma chat --model <this folder or repo>
+```
+"""
+
+
+def check_paths(source: Path, out: Path, force: bool) -> None:
+    source, out = source.resolve(), out.resolve()
+    if out == source or source in out.parents:
+        raise CheckpointError(f"output folder {out} is inside the input folder {source}")
+    if out in source.parents:
+        raise CheckpointError(f"output folder {out} contains the input folder {source}")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise CheckpointError(f"{out} is not empty; pass --force to replace it")
+
+
+def convert(
+    hf_path: str | Path,
+    mlx_path: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    quantize: bool = False,
+    q_bits: int | None = None,
+    q_group_size: int = 64,
+    q_mode: str = "affine",
+    recipe: str | None = None,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+) -> Path:
+    """Convert ``hf_path`` (folder or hub id) into an MLX folder at ``mlx_path``.
+
+    ``quantize`` alone is the ``uniform`` recipe at ``q_bits`` (4); a ``recipe`` implies
+    quantization (``mixed_L_H`` sets its own bits). Nothing is left behind on failure.
+    """
+    if dtype not in DTYPES:
+        raise RecipeError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if recipe is not None and recipe.startswith("mixed") and q_bits is not None:
+        raise RecipeError(f"recipe {recipe} sets its own bits; drop --q-bits")
+    predicate, default = None, None
+    if quantize or recipe is not None:
+        predicate, default = make_predicate(recipe or "uniform", q_bits or 4, q_group_size, q_mode)
+    out = Path(mlx_path).expanduser()
+    local = Path(hf_path).expanduser()
+    if local.exists():
+        check_paths(local, out, force)
+    source = get_model_path(hf_path)
+    check_paths(source, out, force)
+    config = load_config(source)
+    model = Model(ModelArgs.from_dict(config))  # a skeleton: its random weights are never evaluated
+    if quantization_config(config):
+        raise CheckpointError(f"{source} is already quantized; convert from the original checkpoint")
+    files = weight_files(source)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        writer = ShardWriter(staging, max_shard_bytes)
+        # Loading is lazy: this reads only the headers.
+        sizes = [v.nbytes for f in files for v in model.sanitize(mx.load(str(f))).values()]
+        chosen: dict[str, Params] = {}
+        with progress_bar(progress, sum(sizes), len(sizes)) as advance:
+            for done, chosen in convert_tensors(files, model, DTYPES[dtype], predicate, writer):
+                advance(done)
+        size = writer.finish()
+        config = {k: v for k, v in config.items() if k not in ("vision_config", "quantization", "quantization_config")}
+        config["dtype"] = dtype
+        quantization = quantization_block(default, chosen) if default is not None else None
+        if quantization is not None:
+            config["quantization"] = config["quantization_config"] = quantization
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy(source / name, staging / name)
+        (staging / "README.md").write_text(model_card(str(hf_path), dtype, quantization, recipe, size))
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out)
+
+
+@contextmanager
+def progress_bar(enabled: bool, total_bytes: int, total_tensors: int):
+    """A rich progress bar over source bytes, counting tensors; yields ``advance(nbytes)``."""
+    if not enabled:
+        yield lambda nbytes: None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn()) as bar:
+        task = bar.add_task(f"0/{total_tensors} tensors", total=total_bytes)
+        done = 0
+
+        def advance(nbytes: int) -> None:
+            nonlocal done
+            done += 1
+            bar.update(task, advance=nbytes, description=f"{done}/{total_tensors} tensors")
+
+        yield advance
