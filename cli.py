@@ -113,6 +113,22 @@ def chat(
 
 
 @app.command()
+def serve(
+    model: str = ModelOption,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the server to your network."),
+    port: int = typer.Option(1234, "--port", help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1/ requests."),
+):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from mlx_diffgemma.server import serve as run_server
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        typer.secho(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
+    model_obj, tokenizer = load_or_fail(model)
+    run_server(model_obj, tokenizer, model, host=host, port=port, api_key=api_key)
+
+
+@app.command()
 def convert(
     hf_path: str = typer.Option(..., "--hf-path", help="Folder or hub id of the original checkpoint."),
     mlx_path: str = typer.Option(..., "--mlx-path", help="Output folder (created; must be empty unless --force)."),

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.utils import save_model
 
+from convert.converter import ShardWriter
 from mlx_diffgemma.model import Model, ModelArgs
 
 MID_SIZE = dict(
@@ -18,18 +18,22 @@ MID_SIZE = dict(
 )
 
 
-def write_random_checkpoint(out: Path, dtype=mx.float32, seed: int = 0, **text_config) -> Path:
-    """Random weights (norms and scalars near one) in MLX layout, with a hub-style config.json."""
+def write_random_checkpoint(out: Path, dtype=mx.float32, seed: int = 0, shard_bytes: int = 2**40, **text_config) -> Path:
+    """Random weights (norms and scalars near one) in sharded MLX layout with a hub-style config.json."""
     text_config = {**MID_SIZE, **text_config}
     canvas = text_config.pop("canvas_length")
     config = {"model_type": "diffusion_gemma", "canvas_length": canvas, "tie_word_embeddings": True,
               "text_config": {**text_config, "attention_k_eq_v": True, "model_type": "diffusion_gemma_text"}}
     mx.random.seed(seed)
     model = Model(ModelArgs.from_dict(config))
-    params = tree_flatten(model.parameters())
-    model.load_weights([(k, (v * 0.02 if v.ndim > 1 else v).astype(dtype)) for k, v in params])
-    mx.eval(model.parameters())
     out.mkdir(parents=True, exist_ok=True)
-    save_model(out, model)
+    writer = ShardWriter(out, shard_bytes)
+    for name, value in tree_flatten(model.parameters()):
+        if value.ndim > 1:
+            value = mx.random.normal(value.shape) * value.shape[-1] ** -0.5
+        elif not name.endswith("layer_scalar"):
+            value = 1.0 + 0.1 * mx.random.normal(value.shape)
+        writer.add(name, value.astype(dtype))
+    writer.finish()
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out

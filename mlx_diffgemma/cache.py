@@ -49,6 +49,17 @@ class DiffusionCache:
             return self.offset
         return self.offset - self.left_padding
 
+    def copy(self) -> "DiffusionCache":
+        """A snapshot; cheap, since MLX arrays are immutable and ``extend`` makes new ones."""
+        other = DiffusionCache.__new__(DiffusionCache)
+        other.offset, other.left_padding = self.offset, self.left_padding
+        other.layers = []
+        for layer in self.layers:
+            twin = LayerCache(layer.window)
+            twin.keys, twin.values = layer.keys, layer.values
+            other.layers.append(twin)
+        return other
+
     def state(self) -> list[mx.array]:
         return [a for layer in self.layers for a in (layer.keys, layer.values) if a is not None]
 

@@ -192,6 +192,7 @@ class GenerationResponse:
     step: int | None  # denoising step of the draft
     prompt_tokens: int
     prompt_tps: float
+    cached_tokens: int  # prompt tokens reused from a prompt cache instead of encoded
     generation_tokens: int
     generation_tps: float
     steps_per_canvas: list[int] = field(default_factory=list)
@@ -236,21 +237,37 @@ def resolve_settings(model: Model, **given: Any) -> DiffusionSettings:
 
 @dataclass
 class PromptCache:
-    """A KV cache kept between requests (chat turns), with the token ids it holds."""
+    """A KV cache kept between requests (chat turns), with the token ids it holds.
+
+    It also keeps a snapshot taken right after the last prompt was encoded: a client that
+    sends the whole conversation again, with the reply re-tokenized from its text, still
+    shares that prompt as a prefix even when it no longer shares the generated canvases.
+    """
 
     cache: DiffusionCache | None = None
     tokens: list[int] = field(default_factory=list)
+    snapshot: tuple[list[int], DiffusionCache] | None = None
 
     def prepare(self, model: Model, ids: list[int]) -> list[int]:
-        """Keep the cache when it holds a prefix of ``ids``; return the ids still to encode."""
-        n = len(self.tokens)
-        if self.cache is None or n >= len(ids) or ids[:n] != self.tokens:
-            self.reset(model)
-            n = 0
-        return ids[n:]
+        """Reuse the cache (or the snapshot) when it holds a prefix of ``ids``; return the ids still to encode."""
+        if self.cache is not None and _extends(ids, self.tokens):
+            return ids[len(self.tokens):]
+        if self.snapshot is not None and _extends(ids, self.snapshot[0]):
+            self.tokens, self.cache = list(self.snapshot[0]), self.snapshot[1].copy()
+            return ids[len(self.tokens):]
+        self.reset(model)
+        return ids
+
+    def remember_prompt(self, ids: list[int]) -> None:
+        self.snapshot = (list(ids), self.cache.copy())
 
     def reset(self, model: Model) -> None:
-        self.cache, self.tokens = model.make_cache(), []
+        self.cache, self.tokens, self.snapshot = model.make_cache(), [], None
+
+
+def _extends(ids: list[int], prefix: list[int]) -> bool:
+    """Whether ``ids`` continue ``prefix`` with at least one more token."""
+    return 0 < len(prefix) < len(ids) and ids[: len(prefix)] == prefix
 
 
 def _trim_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -298,6 +315,7 @@ def stream_generate(
     tokens: list[int] = []
     text, sent, steps_per_canvas, passes, valid = "", 0, [], 0, 0
     hold = max((len(s) for s in stop), default=1) - 1  # keep back what may start a stop string
+    to_encode = prompt_cache.prepare(model, ids) if prompt_cache is not None else ids
     mx.reset_peak_memory()
     start = time.perf_counter()
     prompt_time = None
@@ -306,13 +324,12 @@ def stream_generate(
         elapsed = time.perf_counter() - start - (prompt_time or 0.0)
         return GenerationResponse(
             text=delta, tokens=list(new_tokens), draft=draft_text, step=step, prompt_tokens=len(ids),
-            prompt_tps=len(ids) / prompt_time if prompt_time else 0.0,
+            prompt_tps=(len(to_encode)) / prompt_time if prompt_time else 0.0, cached_tokens=len(ids) - len(to_encode),
             generation_tokens=len(tokens), generation_tps=len(tokens) / elapsed if elapsed > 0 else 0.0,
             steps_per_canvas=list(steps_per_canvas), tokens_per_forward=valid / passes if passes else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=reason,
         )
 
-    to_encode = prompt_cache.prepare(model, ids) if prompt_cache is not None else ids
     events = generate_step(
         model, [to_encode], max_tokens=max_tokens, settings=settings, eos_token_ids=tokenizer.eos_token_ids,
         noise=noise, pad_token_id=model.args.pad_token_id or 0,
@@ -323,6 +340,8 @@ def stream_generate(
             for event in events:
                 if prompt_time is None:
                     prompt_time = time.perf_counter() - start
+                    if prompt_cache is not None:
+                        prompt_cache.remember_prompt(ids)
                 if isinstance(event, Draft):
                     if draft:
                         yield response("", (), tokenizer.decode(event.tokens[0].tolist()), event.step)

@@ -125,7 +125,10 @@ def load_model(model_path: Path, dtype: mx.Dtype | None = None) -> Model:
     model.generation_defaults = DiffusionSettings.from_generation_config(load_generation_config(model_path))
     if dtype is not None:
         model.set_dtype(dtype)
-    mx.eval(model.parameters())
+    # Evaluate the private arrays too (RoPE frequencies): a lazy array is bound to the thread
+    # that made it, and a server runs the model from a worker thread.
+    private = [v for m in model.modules() for v in m.values() if isinstance(v, mx.array)]
+    mx.eval(model.parameters(), private)
     model.eval()
     return model
 
