@@ -113,6 +113,49 @@ def chat(
 
 
 @app.command()
+def bench(
+    model: str = ModelOption,
+    prompt_tokens: str = typer.Option("128,1024", "--prompt-tokens", help="Comma-separated prompt lengths to measure."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Tokens generated per measurement."),
+    steps: Optional[int] = Steps,
+    canvas_length: Optional[int] = CanvasLength,
+    seed: int = typer.Option(0, "--seed", help="Seed for the random prompts and the sampler."),
+):
+    """Measure prefill, denoising steps, generation speed, memory and matmul efficiency."""
+    import os
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from mlx_diffgemma.bench import run_bench
+    from mlx_diffgemma.generate import resolve_settings
+
+    try:
+        lengths = [int(n) for n in prompt_tokens.split(",")]
+        if any(n < 1 for n in lengths):
+            raise ValueError
+    except ValueError:
+        fail(f"--prompt-tokens must be comma-separated positive integers, got {prompt_tokens!r}")
+    model_obj, tokenizer = load_or_fail(model)
+    try:
+        settings = resolve_settings(model_obj, steps=steps, canvas_length=canvas_length)
+        rows, peak = run_bench(model_obj, lengths, max_tokens, settings, sorted(tokenizer.eos_token_ids), seed)
+    except ValueError as e:
+        fail(str(e))
+    table = Table(title=f"{model} ({settings.steps} steps max, canvas {settings.canvas_length})")
+    for column in ("prompt", "prefill t/s", "ms/step", "steps/cv", "tok/fwd", "gen t/s", "peak GB", "TFLOP/s", "% peak"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(str(r.prompt_tokens), f"{r.prefill_tps:.0f}", f"{r.step_ms:.1f}", f"{r.steps_per_canvas:.1f}",
+                      f"{r.tokens_per_forward:.2f}", f"{r.generation_tps:.1f}", f"{r.peak_memory_gb:.2f}",
+                      f"{r.step_tflops:.3f}", f"{r.matmul_fraction:.0%}")
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # no truncation in files
+    console.print(table)
+    blas = os.environ.get("LD_PRELOAD") or "the default BLAS"
+    console.print(f"matmul peak (2048x2048, model dtype): {peak / 1e12:.3f} TFLOP/s; BLAS: {blas}")
+
+
+@app.command()
 def serve(
     model: str = ModelOption,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the server to your network."),

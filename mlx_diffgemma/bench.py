@@ -1,0 +1,102 @@
+"""Speed measurements (``mlx-diffgemma bench``): prefill, denoising steps, generation, memory, and
+the fraction of the machine's matmul throughput a denoising step achieves."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .generate import Canvas, SeededNoise, denoise_canvas, generate_step, prefill
+from .model import Model, ModelArgs
+from .sampler import DiffusionSettings
+
+
+@dataclass
+class BenchRow:
+    prompt_tokens: int
+    prefill_tps: float
+    step_ms: float  # one denoising step: denoiser forward plus sampling
+    steps_per_canvas: float
+    tokens_per_forward: float
+    generation_tps: float
+    peak_memory_gb: float
+    step_tflops: float  # achieved by a denoising step
+    matmul_fraction: float  # of the measured matmul peak
+
+
+def denoise_flops(args: ModelArgs, prefix: int, canvas: int) -> float:
+    """Floating-point operations (2 per multiply-add) of one denoiser pass over ``canvas`` tokens
+    after ``prefix`` cached ones: projections, attention over [visible prefix + canvas], dense MLP,
+    router, the top-k experts, the LM head, and self-conditioning (softmax @ embedding table, and its MLP)."""
+    H, V, nH = args.hidden_size, args.vocab_size, args.num_attention_heads
+    per_token = 0
+    for i, kind in enumerate(args.layer_types):
+        D, kv = args.layer_head_dims[i], args.layer_kv_heads[i]
+        visible = (min(prefix, args.sliding_window - 1) if kind == "sliding_attention" else prefix) + canvas
+        per_token += H * nH * D * 2 + H * kv * D * (2 if kind == "sliding_attention" else 1)  # q, o; k (v)
+        per_token += 2 * nH * D * visible  # scores and values
+        per_token += 3 * H * args.intermediate_size + H * args.num_experts
+        per_token += args.top_k_experts * 3 * H * args.moe_intermediate_size
+    per_token += 2 * H * V + 3 * H * args.intermediate_size  # LM head, self-conditioning product and MLP
+    return 2.0 * per_token * canvas
+
+
+def matmul_peak_flops(dtype: mx.Dtype, n: int = 2048, repeats: int = 5) -> float:
+    a, b = mx.random.normal((n, n)).astype(dtype), mx.random.normal((n, n)).astype(dtype)
+    mx.eval(a @ b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(a @ b)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def bench_prompt(
+    model: Model, prompt_tokens: int, max_tokens: int, settings: DiffusionSettings, eos_token_ids: list[int],
+    peak: float, seed: int = 0,
+) -> BenchRow:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, model.args.vocab_size, prompt_tokens).tolist()
+    noise = SeededNoise(model.args.vocab_size, seed)
+    mx.reset_peak_memory()
+
+    cache = model.make_cache()
+    start = time.perf_counter()
+    prefill(model, mx.array([ids]), cache)
+    prefill_tps = prompt_tokens / (time.perf_counter() - start)
+
+    # Per-step time on one canvas that runs every step (no early stop).
+    fixed = DiffusionSettings(**{**settings.__dict__, "confidence_threshold": 1e-30})
+    times, last = [], time.perf_counter()
+    for _ in denoise_canvas(model, cache, 0, 1, fixed, noise):
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    step = float(np.median(times[1:] if len(times) > 1 else times))
+
+    # End to end with the real stopping rules.
+    start, tokens, passes, valid, steps = time.perf_counter(), 0, 0, 0, []
+    for event in generate_step(model, [ids], max_tokens=max_tokens, settings=settings, eos_token_ids=eos_token_ids, noise=noise):
+        if isinstance(event, Canvas):
+            tokens += len(event.tokens[0])
+            passes += event.forward_passes[0]
+            valid += event.valid_tokens[0]
+            steps.append(event.steps)
+    elapsed = time.perf_counter() - start
+    flops = denoise_flops(model.args, prompt_tokens, settings.canvas_length) / step
+    return BenchRow(
+        prompt_tokens, prefill_tps, step * 1e3, float(np.mean(steps)), valid / max(passes, 1), tokens / elapsed,
+        mx.get_peak_memory() / 1e9, flops / 1e12, flops / peak,
+    )
+
+
+def run_bench(
+    model: Model, prompt_lengths: list[int], max_tokens: int, settings: DiffusionSettings, eos_token_ids: list[int],
+    seed: int = 0,
+) -> tuple[list[BenchRow], float]:
+    """One row per prompt length, and the measured matmul peak (FLOP/s) in the model's dtype."""
+    dtype = model.model.decoder.norm.weight.dtype
+    peak = matmul_peak_flops(dtype)
+    return [bench_prompt(model, n, max_tokens, settings, eos_token_ids, peak, seed) for n in prompt_lengths], peak

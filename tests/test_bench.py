@@ -1,0 +1,45 @@
+"""The bench command and its arithmetic."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from mlx_diffgemma.bench import denoise_flops, run_bench
+from mlx_diffgemma.model import ModelArgs
+from mlx_diffgemma.sampler import DiffusionSettings
+from mlx_diffgemma.utils import load_model
+
+
+def test_denoise_flops_counts_each_part():
+    args = ModelArgs(
+        model_type="diffusion_gemma", vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=4, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=6, sliding_window=3, layer_types=["sliding_attention", "full_attention"],
+        global_head_dim=4, num_global_key_value_heads=1,
+    )
+    prefix, canvas = 10, 5
+    sliding = 8 * 2 * 4 * 2 + 8 * 1 * 4 * 2 + 2 * 2 * 4 * (2 + canvas)  # q, o; k, v; attention over 2 + 5 keys
+    full = 8 * 2 * 4 * 2 + 8 * 1 * 4 + 2 * 2 * 4 * (prefix + canvas)  # keys double as values
+    ffn = 3 * 8 * 16 + 8 * 4 + 2 * 3 * 8 * 6  # dense MLP, router, two experts
+    head = 2 * 8 * 100 + 3 * 8 * 16  # LM head, self-conditioning product, its MLP
+    assert denoise_flops(args, prefix, canvas) == 2 * canvas * (sliding + full + 2 * ffn + head)
+
+
+def test_bench_rows_for_each_prompt_length(hf_checkpoint):
+    model = load_model(hf_checkpoint)
+    rows, peak = run_bench(model, [8, 40], 32, DiffusionSettings(steps=3, canvas_length=16), [1, 106])
+    assert peak > 0 and [r.prompt_tokens for r in rows] == [8, 40]
+    for r in rows:
+        assert r.prefill_tps > 0 and r.step_ms > 0 and r.generation_tps > 0
+        assert 1 <= r.steps_per_canvas <= 3 and 0 < r.tokens_per_forward <= 16 and 0 < r.matmul_fraction
+
+
+def test_bench_command_prints_a_table(hf_checkpoint):
+    cli = str(Path(__file__).parents[1] / "cli.py")
+    out = subprocess.run([sys.executable, cli, "bench", "-m", str(hf_checkpoint), "--prompt-tokens", "8",
+                          "--max-tokens", "16", "--steps", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ms/step" in out.stdout and "matmul peak" in out.stdout
+    bad = subprocess.run([sys.executable, cli, "bench", "-m", str(hf_checkpoint), "--prompt-tokens", "x"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "--prompt-tokens must be" in bad.stderr
