@@ -78,6 +78,9 @@ def generate(
             print(last.text, end="", flush=True)
     except ValueError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        print()
+        raise typer.Exit(130)
     print()
     if stats and last is not None:
         from mlx_diffgemma.repl import format_stats
