@@ -155,7 +155,7 @@ def bench(
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # no truncation in files
     console.print(table)
     blas = os.environ.get("LD_PRELOAD") or "the default BLAS"
-    console.print(f"matmul peak (2048x2048, model dtype): {peak / 1e12:.3f} TFLOP/s; BLAS: {blas}")
+    console.print(f"matmul peak (square matmul in the model's dtype): {peak / 1e12:.3f} TFLOP/s; BLAS: {blas}")
 
 
 @app.command()

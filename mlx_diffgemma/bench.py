@@ -44,13 +44,22 @@ def denoise_flops(args: ModelArgs, prefix: int, canvas: int) -> float:
     return 2.0 * per_token * canvas
 
 
-def matmul_peak_flops(dtype: mx.Dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = mx.random.normal((n, n)).astype(dtype), mx.random.normal((n, n)).astype(dtype)
-    mx.eval(a @ b)
-    start = time.perf_counter()
-    for _ in range(repeats):
+def matmul_peak_flops(dtype: mx.Dtype, max_n: int = 2048, seconds: float = 0.5) -> float:
+    """FLOP/s of a plain square matmul, grown until one takes a tenth of ``seconds`` (or ``max_n``)."""
+    n = 256
+    while True:
+        a, b = mx.random.normal((n, n)).astype(dtype), mx.random.normal((n, n)).astype(dtype)
+        mx.eval(a, b, a @ b)
+        start = time.perf_counter()
         mx.eval(a @ b)
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
+        if n >= max_n or time.perf_counter() - start > seconds / 10:
+            break
+        n *= 2
+    repeats, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        mx.eval(a @ b)
+        repeats += 1
+    return 2 * n**3 * repeats / elapsed
 
 
 def bench_prompt(

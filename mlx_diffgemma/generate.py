@@ -19,7 +19,7 @@ from mlx_lm.generate import wired_limit
 
 from .cache import DiffusionCache
 from .model import Model
-from .sampler import DiffusionSettings, accept, entropy, is_stable, renoise, sample, temperature
+from .sampler import DiffusionSettings, accept, distribution, entropy, is_stable, renoise, sample, temperature
 
 PREFILL_STEP_SIZE = 512
 
@@ -95,13 +95,20 @@ def denoise_canvas(
     for step, remaining in enumerate(range(settings.steps, 0, -1)):
         passes += ~np.array(done)
         scaled = model.denoise(canvas, cache, logits) / temperature(remaining, settings)
-        uniform, noise_tokens = noise.step(index, step, shape)
-        token_entropy = entropy(scaled)
-        new_canvas = renoise(sample(scaled, uniform), accept(token_entropy, settings.entropy_bound), noise_tokens)
         new_argmax = scaled.argmax(axis=-1).astype(canvas.dtype)
-        if logits is not None:  # rows that already stopped keep their state
-            new_canvas = mx.where(done[:, None], canvas, new_canvas)
+        if logits is not None:  # rows that already stopped keep their argmax
             new_argmax = mx.where(done[:, None], argmax, new_argmax)
+        if remaining == 1:  # the last step: only its argmax is committed, nothing else is used
+            argmax = new_argmax
+            mx.eval(argmax)
+            yield Draft(step=step + 1, tokens=argmax)
+            break
+        uniform, noise_tokens = noise.step(index, step, shape)
+        log_probs, probs = distribution(scaled)
+        token_entropy = entropy(log_probs, probs)
+        new_canvas = renoise(sample(probs, uniform), accept(token_entropy, settings.entropy_bound), noise_tokens)
+        if logits is not None:  # ... and their canvas and self-conditioning logits
+            new_canvas = mx.where(done[:, None], canvas, new_canvas)
             scaled = mx.where(done[:, None, None], logits, scaled)
         confident = token_entropy.mean(axis=-1) < settings.confidence_threshold
         done = done | (is_stable(history, new_argmax, settings.stability_threshold) & confident)

@@ -22,8 +22,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.rope_utils import initialize_rope
-from mlx_lm.models.switch_layers import SwitchLinear
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .cache import DiffusionCache, LayerCache
 
@@ -180,13 +181,23 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[indices], indices
 
 
-def switch_linear(layer: nn.Module, x: mx.array, indices: mx.array, sort: bool) -> mx.array:
-    """Apply a (quantized) SwitchLinear. MLX's CPU ``gather_mm`` takes only float32, so
-    unquantized half-precision experts are upcast there; Metal runs them as they are."""
-    if x.dtype == mx.float32 or not isinstance(layer, SwitchLinear) or mx.default_device() != mx.cpu:
-        return layer(x, indices, sorted_indices=sort)
-    w = layer.weight.astype(mx.float32).swapaxes(-1, -2)
-    return mx.gather_mm(x.astype(mx.float32), w, rhs_indices=indices, sorted_indices=sort).astype(x.dtype)
+def grouped_linear(layer: nn.Module, x: mx.array, counts: list[int]) -> mx.array:
+    """Apply a (quantized) SwitchLinear to rows sorted by expert, ``counts[e]`` rows for expert
+    ``e``, as one dense matmul per expert. On the CPU this runs at BLAS speed, where MLX's
+    ``gather_mm`` is a plain loop (about 100x slower on a mid-size model)."""
+    out, start = [], 0
+    quantized = isinstance(layer, QuantizedSwitchLinear)
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows, start = x[start : start + n], start + n
+        if quantized:
+            biases = layer["biases"][e] if "biases" in layer else None
+            out.append(mx.quantized_matmul(rows, layer.weight[e], layer.scales[e], biases, transpose=True,
+                                           group_size=layer.group_size, bits=layer.bits, mode=layer.mode))
+        else:
+            out.append(rows @ layer.weight[e].T)
+    return mx.concatenate(out)
 
 
 class Experts(nn.Module):
@@ -194,26 +205,39 @@ class Experts(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
+        self.num_experts = args.num_experts
         self.gate_up_proj = SwitchLinear(args.hidden_size, 2 * args.moe_intermediate_size, args.num_experts, bias=False)
         self.down_proj = SwitchLinear(args.moe_intermediate_size, args.hidden_size, args.num_experts, bias=False)
 
     def __call__(self, x: mx.array, weights: mx.array, indices: mx.array) -> mx.array:
         shape, k = indices.shape, indices.shape[-1]
-        x = x.reshape(-1, 1, x.shape[-1])
-        # Many tokens: one row per (token, expert), visited in expert order so that
-        # each expert's weights are read once. Few tokens: gather per token.
-        sort = indices.size >= 64
-        if sort:
-            order = mx.argsort(indices.reshape(-1))
-            x, idx = x[order // k], indices.reshape(-1)[order]
+        x = x.reshape(-1, x.shape[-1])
+        flat = indices.reshape(-1)
+        if mx.default_device() == mx.cpu:
+            y = self._grouped(x, flat, k)
         else:
-            x, idx = x[:, None], indices.reshape(-1, k)
-        gate, up = mx.split(switch_linear(self.gate_up_proj, x, idx, sort), 2, axis=-1)
-        y = switch_linear(self.down_proj, nn.gelu_approx(gate) * up, idx, sort)
-        if sort:
-            y = y[mx.argsort(order)]
+            y = self._gathered(x, flat, k)
         y = y.reshape(*shape, -1)
         return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+    def _grouped(self, x: mx.array, flat: mx.array, k: int) -> mx.array:
+        order = mx.argsort(flat)
+        counts = np.bincount(np.array(flat), minlength=self.num_experts).tolist()
+        gate, up = mx.split(grouped_linear(self.gate_up_proj, x[order // k], counts), 2, axis=-1)
+        return grouped_linear(self.down_proj, nn.gelu_approx(gate) * up, counts)[mx.argsort(order)]
+
+    def _gathered(self, x: mx.array, flat: mx.array, k: int) -> mx.array:
+        # Many tokens: one row per (token, expert), visited in expert order so that each
+        # expert's weights are read once. Few tokens: gather per token.
+        sort = flat.size >= 64
+        if sort:
+            order = mx.argsort(flat)
+            x, idx = x[order // k][:, None], flat[order]
+        else:
+            x, idx = x[:, None, None], flat.reshape(-1, k)
+        gate, up = mx.split(self.gate_up_proj(x, idx, sorted_indices=sort), 2, axis=-1)
+        y = self.down_proj(nn.gelu_approx(gate) * up, idx, sorted_indices=sort)
+        return y[mx.argsort(order)] if sort else y
 
 
 class Attention(nn.Module):

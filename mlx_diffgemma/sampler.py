@@ -71,17 +71,21 @@ def temperature(remaining: int, settings: DiffusionSettings) -> float:
     return settings.t_min + (settings.t_max - settings.t_min) * remaining / settings.steps
 
 
-def entropy(logits: mx.array) -> mx.array:
-    """Entropy of the softmax of ``logits`` over the last axis, in nats."""
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return -(mx.exp(logp) * logp).sum(axis=-1)
+def distribution(logits: mx.array) -> tuple[mx.array, mx.array]:
+    """Log-probabilities and probabilities of the softmax of ``logits`` (shared by entropy and sampling)."""
+    log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return log_probs, mx.exp(log_probs)
 
 
-def sample(logits: mx.array, uniform: mx.array) -> mx.array:
+def entropy(log_probs: mx.array, probs: mx.array) -> mx.array:
+    """Entropy over the last axis, in nats."""
+    return -(probs * log_probs).sum(axis=-1)
+
+
+def sample(probs: mx.array, uniform: mx.array) -> mx.array:
     """Categorical samples by inverse CDF: one uniform number per position, not one per token."""
-    cdf = mx.cumsum(mx.softmax(logits, axis=-1), axis=-1)
-    index = (cdf < uniform[..., None]).sum(axis=-1)
-    return mx.minimum(index, logits.shape[-1] - 1).astype(mx.int32)
+    index = (mx.cumsum(probs, axis=-1) < uniform[..., None]).sum(axis=-1)
+    return mx.minimum(index, probs.shape[-1] - 1).astype(mx.int32)
 
 
 def accept(token_entropy: mx.array, bound: float) -> mx.array:
