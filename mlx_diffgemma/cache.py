@@ -63,10 +63,6 @@ class DiffusionCache:
     def state(self) -> list[mx.array]:
         return [a for layer in self.layers for a in (layer.keys, layer.values) if a is not None]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.state())
-
     def attention_mask(self, layer: LayerCache, num_new: int, causal: bool) -> mx.array | None:
         """Boolean mask ``[B|1, 1, num_new, layer.length + num_new]`` for the next call.
 

@@ -64,6 +64,13 @@ class SeededNoise:
 
 
 @dataclass
+class Prefilled:
+    """The prompt is in the cache."""
+
+    tokens: int
+
+
+@dataclass
 class Draft:
     """The argmax canvas after a denoising step."""
 
@@ -152,8 +159,8 @@ def generate_step(
     noise: Noise,
     pad_token_id: int = 0,
     cache: DiffusionCache | None = None,
-) -> Iterator[Draft | Canvas]:
-    """Generate for a batch of token-id prompts (left-padded); yields drafts and committed canvases.
+) -> Iterator[Prefilled | Draft | Canvas]:
+    """Generate for a batch of token-id prompts (left-padded); yields the end of prefill, drafts and committed canvases.
 
     With ``cache`` (one prompt), the prompt continues what the cache already holds. Committed
     canvases are encoded into the cache as the next one starts; the last one is not.
@@ -166,6 +173,7 @@ def generate_step(
         raise ValueError("a reused cache serves one prompt at a time")
     ids = mx.array([[pad_token_id] * (width - len(p)) + list(p) for p in prompts])
     prefill(model, ids, cache)
+    yield Prefilled(ids.size)
     budgets = [max_tokens] * len(prompts)
     reasons: list[str | None] = [None] * len(prompts)
     eos = set(eos_token_ids)
@@ -345,10 +353,11 @@ def stream_generate(
     with wired_limit(model):
         try:
             for event in events:
-                if prompt_time is None:
+                if isinstance(event, Prefilled):
                     prompt_time = time.perf_counter() - start
                     if prompt_cache is not None:
                         prompt_cache.remember_prompt(ids)
+                    continue
                 if isinstance(event, Draft):
                     if draft:
                         yield response("", (), tokenizer.decode(event.tokens[0].tolist()), event.step)

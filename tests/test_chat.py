@@ -111,10 +111,11 @@ def test_chat_repl_turns_stats_reset_too_long_and_ctrl_d(small_context_checkpoin
 
 
 def interrupt_reply(child, text):
-    """Send a message; once the live view starts (rich hides the cursor), press Ctrl-C."""
+    """Send a message; a second after the live view starts (rich hides the cursor), when the first
+    denoising steps are done but not the first canvas, press Ctrl-C."""
     child.sendline(text)
     child.expect(r"\x1b\[\?25l")
-    time.sleep(0.3)
+    time.sleep(1.0)
     child.sendintr()
     child.expect(r"\[interrupted\]")
     child.expect(">>> ")
