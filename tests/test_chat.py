@@ -76,7 +76,7 @@ def small_context_checkpoint(hf_checkpoint, tmp_path_factory):
 
 
 def spawn_chat(checkpoint, *args):
-    child = pexpect.spawn(sys.executable, [CLI, "chat", "-m", str(checkpoint), *args], encoding="utf-8",
+    child = pexpect.spawn(sys.executable, [CLI, "chat", "-m", str(checkpoint), *args], encoding="utf-8", codec_errors="replace",
                           timeout=120, dimensions=(40, 120))
     child.expect(">>> ")
     return child
