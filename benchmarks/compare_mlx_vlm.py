@@ -302,67 +302,14 @@ def write_inputs(workdir: Path, args) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def layer_shapes(text: dict) -> list[tuple[bool, int, int]]:
-    """Per layer: (sliding?, head_dim, kv_heads), as both runtimes resolve them."""
-    n = text["num_hidden_layers"]
-    types = text.get("layer_types") or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
-    out = []
-    for t in types:
-        if t == "sliding_attention":
-            out.append((True, text["head_dim"], text["num_key_value_heads"]))
-        else:
-            out.append((False, text["global_head_dim"], text.get("num_global_key_value_heads") or text["num_key_value_heads"]))
-    return out
+def config_flops(text: dict, prompt: int, canvas: int) -> tuple[float, float, float]:
+    """Denoiser step FLOPs with and without self-conditioning, and prefill FLOPs, from the
+    formulas ``mlx-diffgemma bench`` uses (``mlx_diffgemma.bench``); the driver runs in our venv."""
+    from mlx_diffgemma.bench import denoise_flops, prefill_flops
+    from mlx_diffgemma.model import ModelArgs
 
-
-def block_macs(text: dict, sliding: bool, head_dim: int, kv_heads: int) -> int:
-    """Multiply-accumulates of one transformer block per token, without attention scores:
-    q, k, (v on sliding layers; full-attention layers reuse k as v), o; dense gated MLP
-    (gate, up, down); router; top-k routed experts (fused gate_up, down)."""
-    H, heads = text["hidden_size"], text["num_attention_heads"]
-    attention = H * heads * head_dim + H * kv_heads * head_dim * (2 if sliding else 1) + heads * head_dim * H
-    dense = 3 * H * text["intermediate_size"]
-    router = H * text["num_experts"]
-    experts = text["top_k_experts"] * 3 * H * text["moe_intermediate_size"]
-    return attention + dense + router + experts
-
-
-def denoiser_step_flops(text: dict, prompt: int, canvas: int, self_conditioning: bool = True) -> float:
-    """FLOPs of one denoiser forward over a canvas:
-
-        2 * C * [ sum_layers (q + k (+ v) + o projections + dense MLP 3*H*I + router H*E
-                              + top_k * 3*H*I_moe + attention nh*hd*keys*2 (scores and values))
-                  + LM head V*H + self-conditioning (product V*H + gated MLP 3*H*I) ]
-
-    where keys = C + prompt on full-attention layers and C + min(prompt, window - 1) on
-    sliding ones (the canvas attends to all of itself and the cached prefix). Softmaxes,
-    norms, sampling and the softcap are not counted.
-    """
-    H, V, heads = text["hidden_size"], text["vocab_size"], text["num_attention_heads"]
-    per_token = 0
-    for sliding, head_dim, kv_heads in layer_shapes(text):
-        keys = canvas + (min(prompt, text["sliding_window"] - 1) if sliding else prompt)
-        per_token += block_macs(text, sliding, head_dim, kv_heads) + 2 * heads * head_dim * keys
-    per_token += V * H
-    if self_conditioning:
-        per_token += V * H + 3 * H * text["intermediate_size"]
-    return 2.0 * canvas * per_token
-
-
-def prefill_flops(text: dict, prompt: int) -> float:
-    """FLOPs of encoding the prompt: every block but the last in full, the last block's k/v
-    projections only (its output feeds nothing), and causal attention scores (each token sees
-    itself and the earlier ones, within the window on sliding layers)."""
-    H, heads = text["hidden_size"], text["num_attention_heads"]
-    shapes = layer_shapes(text)
-    total = 0
-    for sliding, head_dim, kv_heads in shapes[:-1]:
-        window = text["sliding_window"] if sliding else prompt
-        keys = sum(min(t + 1, window) for t in range(prompt))
-        total += prompt * block_macs(text, sliding, head_dim, kv_heads) + 2 * heads * head_dim * keys
-    sliding, head_dim, kv_heads = shapes[-1]
-    total += prompt * H * kv_heads * head_dim * (2 if sliding else 1)
-    return 2.0 * total
+    args = ModelArgs.from_dict({"model_type": "diffusion_gemma", "canvas_length": canvas, "text_config": text})
+    return denoise_flops(args, prompt, canvas), denoise_flops(args, prompt, canvas, False), prefill_flops(args, prompt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,11 +389,10 @@ def summarize(raw: dict) -> dict:
 
 def table(ours: dict, peer: dict, text: dict, args) -> str:
     P, C, S = args.prompt_tokens, args.canvas, args.steps
-    step_sc = denoiser_step_flops(text, P, C)
+    step_sc, step_first, pre = config_flops(text, P, C)
     # The loop's first step has no self-conditioning signal (ours skips its MLP and product; the
     # peer runs the MLP on zeros): average over the S steps of a canvas.
-    step_avg = ((S - 1) * step_sc + denoiser_step_flops(text, P, C, self_conditioning=False)) / S
-    pre = prefill_flops(text, P)
+    step_avg = ((S - 1) * step_sc + step_first) / S
     peak = max(ours["matmul_gflops"], peer["matmul_gflops"])  # one yardstick for both sides
 
     def frac(flops: float, secs: float) -> str:

@@ -4,7 +4,7 @@ the fraction of the machine's matmul throughput a denoising step achieves."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import numpy as np
@@ -27,21 +27,43 @@ class BenchRow:
     matmul_fraction: float  # of the measured matmul peak
 
 
-def denoise_flops(args: ModelArgs, prefix: int, canvas: int) -> float:
+def _block_macs(args: ModelArgs, i: int) -> int:
+    """Multiply-adds of block ``i`` per token, attention scores aside: q, k (v on sliding layers;
+    full-attention layers reuse k as v), o; the dense MLP; the router; the top-k experts."""
+    H, nH = args.hidden_size, args.num_attention_heads
+    D, kv = args.layer_head_dims[i], args.layer_kv_heads[i]
+    sliding = args.layer_types[i] == "sliding_attention"
+    attention = H * nH * D * 2 + H * kv * D * (2 if sliding else 1)
+    return attention + 3 * H * args.intermediate_size + H * args.num_experts + args.top_k_experts * 3 * H * args.moe_intermediate_size
+
+
+def denoise_flops(args: ModelArgs, prefix: int, canvas: int, self_conditioning: bool = True) -> float:
     """Floating-point operations (2 per multiply-add) of one denoiser pass over ``canvas`` tokens
-    after ``prefix`` cached ones: projections, attention over [visible prefix + canvas], dense MLP,
-    router, the top-k experts, the LM head, and self-conditioning (softmax @ embedding table, and its MLP)."""
+    after ``prefix`` cached ones: the blocks, attention over [visible prefix + canvas], the LM
+    head, and self-conditioning (softmax @ embedding table, and its MLP) unless it is the first step."""
     H, V, nH = args.hidden_size, args.vocab_size, args.num_attention_heads
     per_token = 0
     for i, kind in enumerate(args.layer_types):
-        D, kv = args.layer_head_dims[i], args.layer_kv_heads[i]
         visible = (min(prefix, args.sliding_window - 1) if kind == "sliding_attention" else prefix) + canvas
-        per_token += H * nH * D * 2 + H * kv * D * (2 if kind == "sliding_attention" else 1)  # q, o; k (v)
-        per_token += 2 * nH * D * visible  # scores and values
-        per_token += 3 * H * args.intermediate_size + H * args.num_experts
-        per_token += args.top_k_experts * 3 * H * args.moe_intermediate_size
-    per_token += 2 * H * V + 3 * H * args.intermediate_size  # LM head, self-conditioning product and MLP
+        per_token += _block_macs(args, i) + 2 * nH * args.layer_head_dims[i] * visible  # scores and values
+    per_token += H * V
+    if self_conditioning:
+        per_token += H * V + 3 * H * args.intermediate_size
     return 2.0 * per_token * canvas
+
+
+def prefill_flops(args: ModelArgs, prompt: int) -> float:
+    """Floating-point operations of encoding a prompt: every block but the last in full, the last
+    one's k/v projections only (its output feeds nothing), and causal attention within the window."""
+    nH, last = args.num_attention_heads, args.num_hidden_layers - 1
+    total = 0
+    for i, kind in enumerate(args.layer_types[:-1]):
+        window = args.sliding_window if kind == "sliding_attention" else prompt
+        keys = sum(min(t + 1, window) for t in range(prompt))
+        total += prompt * _block_macs(args, i) + 2 * nH * args.layer_head_dims[i] * keys
+    kv_projections = 2 if args.layer_types[last] == "sliding_attention" else 1
+    total += prompt * args.hidden_size * args.layer_kv_heads[last] * args.layer_head_dims[last] * kv_projections
+    return 2.0 * total
 
 
 def matmul_peak_flops(dtype: mx.Dtype, max_n: int = 2048, seconds: float = 0.5) -> float:
@@ -77,7 +99,7 @@ def bench_prompt(
     prefill_tps = prompt_tokens / (time.perf_counter() - start)
 
     # Per-step time on one canvas that runs every step (no early stop).
-    fixed = DiffusionSettings(**{**settings.__dict__, "confidence_threshold": 1e-30})
+    fixed = replace(settings, confidence_threshold=1e-30)
     times, last = [], time.perf_counter()
     for _ in denoise_canvas(model, cache, 0, 1, fixed, noise):
         now = time.perf_counter()
