@@ -203,5 +203,145 @@ def convert(
     typer.echo(f"wrote {out}")
 
 
+@app.command()
+def finetune(
+    model: str = ModelOption,
+    data: str = typer.Option(..., "--data", help="JSONL of {prompt, completion} (or {messages}) lines, or a folder with train.jsonl and valid.jsonl."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Where checkpoints go (default: adapters with --lora, else finetuned)."),
+    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters on the attention and dense-MLP projections instead of every weight."),
+    iters: int = typer.Option(1000, "--iters", help="Training steps."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Examples per step."),
+    learning_rate: float = typer.Option(1e-4, "--learning-rate", help="Peak learning rate (AdamW, cosine decay to a tenth)."),
+    warmup: int = typer.Option(0, "--warmup", help="Linear warmup steps."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
+    self_conditioning: float = typer.Option(0.5, "--self-conditioning", help="Fraction of each batch trained with self-conditioning."),
+    max_seq_length: int = typer.Option(2048, "--max-seq-length", help="Prefix tokens kept before the target canvas."),
+    lora_rank: int = typer.Option(8, "--lora-rank", help="LoRA rank."),
+    lora_scale: float = typer.Option(20.0, "--lora-scale", help="LoRA scale."),
+    lora_layers: int = typer.Option(-1, "--lora-layers", help="Adapt the last N layers (-1: all)."),
+    steps_per_report: int = typer.Option(10, "--steps-per-report", help="Steps between training-loss reports."),
+    steps_per_eval: int = typer.Option(100, "--steps-per-eval", help="Steps between validation losses."),
+    val_batches: int = typer.Option(8, "--val-batches", help="Batches per validation."),
+    save_every: int = typer.Option(100, "--save-every", help="Steps between checkpoints."),
+    seed: int = typer.Option(0, "--seed", help="Seed for batches and noise."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --output."),
+):
+    """Fine-tune with the block-diffusion objective (full or LoRA); checkpoints can be loaded and resumed."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from mlx_diffgemma.train import DataError, TrainingArgs, load_datasets, train
+    from mlx_diffgemma.utils import CheckpointError, get_model_path
+
+    try:
+        args = TrainingArgs(
+            iters=iters, batch_size=batch_size, learning_rate=learning_rate, warmup=warmup, weight_decay=weight_decay,
+            self_conditioning=self_conditioning, max_seq_length=max_seq_length, lora=lora, lora_rank=lora_rank,
+            lora_scale=lora_scale, lora_layers=lora_layers, steps_per_report=steps_per_report,
+            steps_per_eval=steps_per_eval, val_batches=val_batches, save_every=save_every, seed=seed,
+        )
+    except ValueError as e:
+        fail(str(e))
+    out = Path(output or ("adapters" if lora else "finetuned"))
+    if out.exists() and not resume and any(out.iterdir()):
+        fail(f"{out} is not empty; pass --resume to continue its run, or choose another --output")
+    model_obj, tokenizer = load_or_fail(model)
+    try:
+        train_set, val_set = load_datasets(Path(data), tokenizer)
+    except DataError as e:
+        fail(str(e))
+    console = Console(highlight=False)
+    console.print(f"{len(train_set)} training examples, {len(val_set or [])} validation; writing to {out}")
+    columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
+    events = train(model_obj, train_set, val_set, args, get_model_path(model), out,
+                   eos=tokenizer.eos_token_id,
+                   pad=model_obj.args.pad_token_id or 0, resume=resume)
+    try:
+        with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
+            task = progress.add_task("training", total=iters, status="")
+            status = {}
+            for report in events:
+                if report.train_loss is not None:
+                    status["loss"] = f"loss {report.train_loss:.3f}  {report.tokens_per_sec:.0f} tok/s"
+                if report.val_loss is not None:
+                    status["val"] = f"val {report.val_loss:.3f}"
+                if console.is_terminal:
+                    progress.update(task, completed=report.step, status="  ".join(status.values()))
+                    if report.val_loss is not None:
+                        progress.console.print(f"step {report.step}: validation loss {report.val_loss:.4f}")
+                else:  # a log file: one line per report
+                    console.print(f"step {report.step}/{iters}  " + "  ".join(status.values()), soft_wrap=True)
+    except (CheckpointError, ValueError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted: the last checkpoint in {out} is intact (--resume continues it)", err=True)
+        raise typer.Exit(130)
+    typer.echo(f"saved {out}")
+
+
+demo_app = typer.Typer(help="Built-in demos that run offline, with nothing to download.", no_args_is_help=True)
+app.add_typer(demo_app, name="demo")
+
+
+@demo_app.command("sudoku")
+def demo_sudoku(
+    puzzle: Optional[str] = typer.Option(None, "--puzzle", help="81 cells, row by row: digits, with 0 or . for empty (spaces and | - + ignored)."),
+    difficulty: str = typer.Option("easy", "--difficulty", help="For a generated puzzle: easy (40 givens), medium (34) or hard (28)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the generated puzzle and the sampler."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A Sudoku model folder (default: the built-in one)."),
+    no_draft: bool = typer.Option(False, "--no-draft", help="Print only the result, without the live denoising view."),
+):
+    """Solve a Sudoku with the built-in DiffusionGemma-architecture model, showing each denoising step."""
+    import random
+    import time
+    from contextlib import nullcontext
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.live import Live
+    from rich.panel import Panel
+    from rich.text import Text
+
+    from mlx_diffgemma import sudoku
+
+    if seed is None:
+        seed = random.randrange(2**31)
+    try:
+        if puzzle is not None:
+            grid = sudoku.parse_grid(puzzle)
+        elif difficulty not in sudoku.DIFFICULTIES:
+            raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {', '.join(sudoku.DIFFICULTIES)}")
+        else:
+            grid, _ = sudoku.generate_puzzle(sudoku.DIFFICULTIES[difficulty], random.Random(seed))
+        model_obj = sudoku.load_model(Path(model) if model else None)
+    except ValueError as e:
+        fail(str(e))
+    console = Console(highlight=False)
+    console.print(Panel(Text.from_markup(sudoku.render(grid, grid)), title=f"puzzle ({sum(1 for d in grid if d)} givens)", expand=False))
+
+    def view(cells, title):
+        return Panel(Text.from_markup(sudoku.render(cells, grid)), title=title, expand=False)
+
+    start = time.perf_counter()
+    with Live(console=console, auto_refresh=False) if not no_draft else nullcontext() as live:
+        for event in sudoku.solve_stream(model_obj, [grid], seed=seed):
+            if isinstance(event, list):
+                attempt = event[0]
+                break
+            if live is not None:
+                live.update(view(event[1][0], f"denoising: step {event[0]}"), refresh=True)
+        verdict = "solved" if attempt.solved else "not solved (the grid breaks a rule or a given)"
+        title = f"{verdict}: {attempt.steps} steps, {time.perf_counter() - start:.2f} s"
+        if live is not None:
+            live.update(view(attempt.grid, title), refresh=True)
+        else:
+            console.print(view(attempt.grid, title))
+    if not attempt.solved:
+        raise typer.Exit(2)
+
+
 if __name__ == "__main__":
     app()

@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten
 from mlx_diffgemma.model import Model, ModelArgs
 from mlx_diffgemma.utils import (
     INDEX_FILE,
+    TOKENIZER_FILES,
     CheckpointError,
     get_model_path,
     load_config,
@@ -33,10 +34,6 @@ from .recipes import Params, RecipeError, make_predicate
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 DEFAULT_SHARD_BYTES = 5 * 2**30
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-    "chat_template.jinja", "chat_template.json", "generation_config.json",
-)
 
 
 class ShardWriter:

@@ -201,11 +201,16 @@ def grouped_linear(layer: nn.Module, x: mx.array, counts: list[int]) -> mx.array
 
 
 class Experts(nn.Module):
-    """The routed experts, gate and up projections fused as in the checkpoint."""
+    """The routed experts, gate and up projections fused as in the checkpoint.
+
+    Holds experts ``[first, first + count)`` of ``num_experts``: all of them, or one rank's
+    share after ``shard``; rows routed elsewhere contribute zero here.
+    """
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.num_experts = args.num_experts
+        self.first, self.count = 0, args.num_experts
         self.gate_up_proj = SwitchLinear(args.hidden_size, 2 * args.moe_intermediate_size, args.num_experts, bias=False)
         self.down_proj = SwitchLinear(args.moe_intermediate_size, args.hidden_size, args.num_experts, bias=False)
 
@@ -222,13 +227,29 @@ class Experts(nn.Module):
 
     def _grouped(self, x: mx.array, flat: mx.array, k: int) -> mx.array:
         order = mx.argsort(flat)
-        counts = np.bincount(np.array(flat), minlength=self.num_experts).tolist()
-        gate, up = mx.split(grouped_linear(self.gate_up_proj, x[order // k], counts), 2, axis=-1)
-        return grouped_linear(self.down_proj, nn.gelu_approx(gate) * up, counts)[mx.argsort(order)]
+        counts = np.bincount(np.array(flat), minlength=self.num_experts)
+        local = counts[self.first : self.first + self.count].tolist()
+        if self.count == self.num_experts:
+            rows = order
+        else:  # only the rows routed to this rank's experts (contiguous in expert order)
+            start = int(counts[: self.first].sum())
+            rows = order[start : start + sum(local)]
+        gate, up = mx.split(grouped_linear(self.gate_up_proj, x[rows // k], local), 2, axis=-1)
+        y = grouped_linear(self.down_proj, nn.gelu_approx(gate) * up, local)
+        if self.count == self.num_experts:
+            return y[mx.argsort(order)]
+        out = mx.zeros((flat.size, y.shape[-1]), dtype=y.dtype)
+        out[rows] = y
+        return out
 
     def _gathered(self, x: mx.array, flat: mx.array, k: int) -> mx.array:
         # Many tokens: one row per (token, expert), visited in expert order so that each
         # expert's weights are read once. Few tokens: gather per token.
+        mine = None
+        if self.count != self.num_experts:
+            local = flat - self.first
+            mine = (local >= 0) & (local < self.count)
+            flat = mx.where(mine, local, 0)
         sort = flat.size >= 64
         if sort:
             order = mx.argsort(flat)
@@ -237,7 +258,8 @@ class Experts(nn.Module):
             x, idx = x[:, None, None], flat.reshape(-1, k)
         gate, up = mx.split(self.gate_up_proj(x, idx, sorted_indices=sort), 2, axis=-1)
         y = self.down_proj(nn.gelu_approx(gate) * up, idx, sorted_indices=sort)
-        return y[mx.argsort(order)] if sort else y
+        y = (y[mx.argsort(order)] if sort else y).reshape(-1, y.shape[-1])
+        return y if mine is None else y * mine[:, None].astype(y.dtype)
 
 
 class Attention(nn.Module):
@@ -292,12 +314,16 @@ class TransformerBlock(nn.Module):
         self.post_feedforward_layernorm_1 = nn.RMSNorm(dims, eps=eps)
         self.post_feedforward_layernorm_2 = nn.RMSNorm(dims, eps=eps)
         self.layer_scalar = mx.ones((1,))
+        self.group: mx.distributed.Group | None = None  # set by ``shard``: the MLP and experts hold partial sums
 
     def __call__(self, x, positions, mask, cache: LayerCache, store: bool, layer_scalar: mx.array) -> mx.array:
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, mask, cache, store))
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        dense = self.mlp(self.pre_feedforward_layernorm(x))
         weights, indices = self.router(x)
-        routed = self.post_feedforward_layernorm_2(self.experts(self.pre_feedforward_layernorm_2(x), weights, indices))
+        routed = self.experts(self.pre_feedforward_layernorm_2(x), weights, indices)
+        if self.group is not None:  # one collective for both partial sums
+            dense, routed = mx.split(mx.distributed.all_sum(mx.concatenate([dense, routed], axis=-1), group=self.group), 2, axis=-1)
+        dense, routed = self.post_feedforward_layernorm_1(dense), self.post_feedforward_layernorm_2(routed)
         return (x + self.post_feedforward_layernorm(dense + routed)) * layer_scalar
 
 
@@ -359,7 +385,9 @@ class Backbone(nn.Module):
 
 
 def embedding_product(embed: nn.Module, probs: mx.array) -> mx.array:
-    """``probs @ embedding_table`` for a plain or quantized embedding."""
+    """``probs @ embedding_table`` for a plain, quantized or vocabulary-sharded embedding."""
+    if hasattr(embed, "product"):  # distributed.ShardedEmbedding
+        return embed.product(probs)
     if isinstance(embed, nn.QuantizedEmbedding):
         return mx.quantized_matmul(
             probs, embed.weight, embed.scales, embed.get("biases"), transpose=False,
@@ -432,6 +460,12 @@ class Model(nn.Module):
         logits = decoder.embed_tokens.as_linear(decoder.norm(h)).astype(mx.float32)
         cap = self.args.final_logit_softcapping
         return mx.tanh(logits / cap) * cap if cap else logits
+
+    def shard(self, group: mx.distributed.Group | None = None) -> None:
+        """Split the model across ``group`` (tensor- and expert-parallel); see ``distributed.py``."""
+        from .distributed import shard
+
+        shard(self, group or mx.distributed.init())
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map checkpoint keys (HF or MLX layout) onto this module tree."""

@@ -19,6 +19,11 @@ from .sampler import DiffusionSettings
 # What a text-only load needs from a hub snapshot.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 INDEX_FILE = "model.safetensors.index.json"
+# Files a checkpoint folder carries besides config and weights (copied by convert and training).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "chat_template.jinja", "chat_template.json", "generation_config.json",
+)
 
 
 class CheckpointError(ValueError):
@@ -110,8 +115,12 @@ def check_weights(model: Model, weights: dict[str, mx.array]) -> None:
         raise CheckpointError("checkpoint does not match its config: " + "; ".join(problems))
 
 
-def load_model(model_path: Path, dtype: mx.Dtype | None = None) -> Model:
-    """Config, model, sanitize, quantize, check, load: the weights are held once."""
+def load_model(model_path: Path, dtype: mx.Dtype | None = None, group: mx.distributed.Group | None = None) -> Model:
+    """Config, model, sanitize, quantize, check, load: the weights are held once.
+
+    With a ``group`` of several ranks the model is sharded before any weight is read,
+    and tensors are read one at a time, so each rank holds only its slices.
+    """
     config = load_config(model_path)
     model = Model(ModelArgs.from_dict(config))
     weights: dict[str, mx.array] = {}
@@ -122,6 +131,11 @@ def load_model(model_path: Path, dtype: mx.Dtype | None = None) -> Model:
         apply_quantization(model, quantization, weights)
     check_weights(model, weights)
     model.load_weights(list(weights.items()), strict=True)
+    del weights
+    if group is not None and group.size() > 1:
+        model.shard(group)
+        for _, value in tree_flatten(model.parameters()):
+            mx.eval(value)
     model.generation_defaults = DiffusionSettings.from_generation_config(load_generation_config(model_path))
     if dtype is not None:
         model.set_dtype(dtype)
@@ -152,13 +166,28 @@ def load_tokenizer(model_path: Path, args: ModelArgs) -> TokenizerWrapper:
     return load_tokenizer_wrapper(model_path, eos_token_ids=eos_token_ids(model_path, args))
 
 
-def load(path_or_repo: str | Path, dtype: mx.Dtype | None = None, revision: str | None = None) -> tuple[Model, TokenizerWrapper]:
+def load(
+    path_or_repo: str | Path,
+    dtype: mx.Dtype | None = None,
+    revision: str | None = None,
+    adapter_path: str | Path | None = None,
+    fuse: bool = False,
+    group: mx.distributed.Group | None = None,
+) -> tuple[Model, TokenizerWrapper]:
     """Load a DiffusionGemma checkpoint (local folder or hub id) and its tokenizer.
 
-    Reads the original HF layout and MLX layouts, quantized ones included.
+    Reads the original HF layout and MLX layouts, quantized ones included. ``adapter_path``
+    applies LoRA adapters written by ``finetune --lora``; ``fuse`` folds them into the weights.
+    ``group`` (from ``mx.distributed.init()``) shards the model across its ranks.
     """
     model_path = get_model_path(path_or_repo, revision)
-    model = load_model(model_path, dtype)
+    if adapter_path is not None and group is not None and group.size() > 1:
+        raise ValueError("adapters cannot be applied to a sharded model; fuse them first (load(..., fuse=True) and save)")
+    model = load_model(model_path, dtype, group)
+    if adapter_path is not None:
+        from .train import load_adapters
+
+        load_adapters(model, Path(adapter_path), fuse=fuse)
     return model, load_tokenizer(model_path, model.args)
 
 
