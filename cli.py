@@ -25,6 +25,7 @@ TMin = typer.Option(None, "--t-min", help="Temperature at the last denoising ste
 TMax = typer.Option(None, "--t-max", help="Temperature at the first denoising step (default 0.8).")
 Seed = typer.Option(None, "--seed", help="Random seed, for reproducible output.")
 CanvasLength = typer.Option(None, "--canvas-length", help="Tokens denoised together (default: the model's, 256).")
+AdapterPath = typer.Option(None, "--adapter-path", help="LoRA adapters from 'finetune --lora' to apply.")
 
 
 @app.callback()
@@ -37,11 +38,15 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def load_or_fail(model: str):
+def load_or_fail(model: str, sharded: bool = False, adapter_path: str | None = None):
+    """Load, or exit with a one-line error. With ``sharded`` and several ranks (under
+    ``mlx.launch``), each rank loads its slice of the model."""
+    import mlx.core as mx
+
     from mlx_diffgemma import load
 
     try:
-        return load(model)
+        return load(model, group=mx.distributed.init() if sharded else None, adapter_path=adapter_path)
     except (ValueError, OSError) as e:
         fail(f"cannot load {model}: {e}")
 
@@ -59,30 +64,41 @@ def generate(
     seed: Optional[int] = Seed,
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
     stats: bool = typer.Option(False, "--stats", help="Print speed and denoising statistics to standard error."),
+    short_final_canvas: bool = typer.Option(
+        False, "--short-final-canvas",
+        help="Denoise the last canvas only as long as the tokens still wanted (faster; that canvas differs from the reference)."),
+    adapter_path: Optional[str] = AdapterPath,
 ):
-    """Answer one prompt and print the reply as it is committed, canvas by canvas."""
+    """Answer one prompt and print the reply as it is committed, canvas by canvas.
+
+    Under ``mlx.launch`` every rank holds a slice of the model and rank 0 prints.
+    """
+    import mlx.core as mx
+
     from mlx_diffgemma import stream_generate
 
     if prompt is None or prompt == "-":
         prompt = sys.stdin.read()
     if not prompt.strip():
         fail("empty prompt")
-    model_obj, tokenizer = load_or_fail(model)
+    model_obj, tokenizer = load_or_fail(model, sharded=True, adapter_path=adapter_path)
+    rank0 = mx.distributed.init().rank() == 0
+    echo = print if rank0 else (lambda *args, **kwargs: None)  # only rank 0 writes the reply
     request = prompt if raw else [{"role": "user", "content": prompt}]
     last = None
     try:
         for last in stream_generate(
             model_obj, tokenizer, request, max_tokens, steps=steps, entropy_bound=entropy_bound,
-            t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed,
+            t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed, short_final_canvas=short_final_canvas,
         ):
-            print(last.text, end="", flush=True)
+            echo(last.text, end="", flush=True)
     except ValueError as e:
         fail(str(e))
     except KeyboardInterrupt:
-        print()
+        echo()
         raise typer.Exit(130)
-    print()
-    if stats and last is not None:
+    echo()
+    if stats and last is not None and rank0:
         from mlx_diffgemma.repl import format_stats
 
         typer.echo(format_stats(last), err=True)
@@ -100,6 +116,7 @@ def chat(
     canvas_length: Optional[int] = CanvasLength,
     seed: Optional[int] = Seed,
     no_draft: bool = typer.Option(False, "--no-draft", help="Stream committed text only, without the live denoising view."),
+    adapter_path: Optional[str] = AdapterPath,
 ):
     """Chat in the terminal; each canvas is shown denoising live. /help lists the commands."""
     from rich.console import Console
@@ -108,7 +125,7 @@ def chat(
 
     console = Console(highlight=False)
     with console.status(f"Loading {model} ..."):
-        model_obj, tokenizer = load_or_fail(model)
+        model_obj, tokenizer = load_or_fail(model, adapter_path=adapter_path)
     run_chat(
         model_obj, tokenizer, system=system, draft=not no_draft, console=console, max_tokens=max_tokens,
         steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed,
@@ -164,13 +181,14 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the server to your network."),
     port: int = typer.Option(1234, "--port", help="Port to listen on."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1/ requests."),
+    adapter_path: Optional[str] = AdapterPath,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     from mlx_diffgemma.server import serve as run_server
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.secho(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
-    model_obj, tokenizer = load_or_fail(model)
+    model_obj, tokenizer = load_or_fail(model, adapter_path=adapter_path)
     run_server(model_obj, tokenizer, model, host=host, port=port, api_key=api_key)
 
 
@@ -288,11 +306,12 @@ app.add_typer(demo_app, name="demo")
 
 @demo_app.command("sudoku")
 def demo_sudoku(
-    puzzle: Optional[str] = typer.Option(None, "--puzzle", help="81 cells, row by row: digits, with 0 or . for empty (spaces and | - + ignored)."),
-    difficulty: str = typer.Option("easy", "--difficulty", help="For a generated puzzle: easy (40 givens), medium (34) or hard (28)."),
+    puzzle: Optional[str] = typer.Option(None, "--puzzle", help="The cells row by row: digits, with 0 or . for empty (spaces and | - + ignored)."),
+    difficulty: str = typer.Option("easy", "--difficulty", help="For a generated puzzle: easy, medium or hard (fewer givens)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the generated puzzle and the sampler."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A Sudoku model folder (default: the built-in one)."),
     no_draft: bool = typer.Option(False, "--no-draft", help="Print only the result, without the live denoising view."),
+    delay: float = typer.Option(0.15, "--delay", help="Seconds each denoising step stays on screen (the model itself takes milliseconds)."),
 ):
     """Solve a Sudoku with the built-in DiffusionGemma-architecture model, showing each denoising step."""
     import random
@@ -306,18 +325,23 @@ def demo_sudoku(
     from rich.text import Text
 
     from mlx_diffgemma import sudoku
+    from mlx_diffgemma.utils import CheckpointError
 
     if seed is None:
         seed = random.randrange(2**31)
     try:
+        model_obj = sudoku.load_model(Path(model) if model else None)
+        n = sudoku.grid_size(model_obj)
+        levels = sudoku.DIFFICULTIES[n]
         if puzzle is not None:
             grid = sudoku.parse_grid(puzzle)
-        elif difficulty not in sudoku.DIFFICULTIES:
-            raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {', '.join(sudoku.DIFFICULTIES)}")
+            if len(grid) != n * n:
+                raise ValueError(f"the model solves {n}x{n} puzzles ({n * n} cells); this one has {len(grid)}")
+        elif difficulty not in levels:
+            raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {', '.join(levels)}")
         else:
-            grid, _ = sudoku.generate_puzzle(sudoku.DIFFICULTIES[difficulty], random.Random(seed))
-        model_obj = sudoku.load_model(Path(model) if model else None)
-    except ValueError as e:
+            grid, _ = sudoku.generate_puzzle(levels[difficulty], random.Random(seed), n)
+    except (ValueError, CheckpointError, OSError) as e:
         fail(str(e))
     console = Console(highlight=False)
     console.print(Panel(Text.from_markup(sudoku.render(grid, grid)), title=f"puzzle ({sum(1 for d in grid if d)} givens)", expand=False))
@@ -325,16 +349,20 @@ def demo_sudoku(
     def view(cells, title):
         return Panel(Text.from_markup(sudoku.render(cells, grid)), title=title, expand=False)
 
-    start = time.perf_counter()
+    events, compute = sudoku.solve_stream(model_obj, [grid], seed=seed), 0.0
     with Live(console=console, auto_refresh=False) if not no_draft else nullcontext() as live:
-        for event in sudoku.solve_stream(model_obj, [grid], seed=seed):
+        while True:
+            tic = time.perf_counter()
+            event = next(events)
+            compute += time.perf_counter() - tic
             if isinstance(event, list):
                 attempt = event[0]
                 break
             if live is not None:
                 live.update(view(event[1][0], f"denoising: step {event[0]}"), refresh=True)
+                time.sleep(max(0.0, delay))
         verdict = "solved" if attempt.solved else "not solved (the grid breaks a rule or a given)"
-        title = f"{verdict}: {attempt.steps} steps, {time.perf_counter() - start:.2f} s"
+        title = f"{verdict}: {attempt.steps} steps, {compute:.2f} s"
         if live is not None:
             live.update(view(attempt.grid, title), refresh=True)
         else:

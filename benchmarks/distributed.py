@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="float64 separates a sharding error from float32 rounding")
     args = parser.parse_args()
 
     group = mx.distributed.init()
@@ -117,7 +119,8 @@ def main() -> None:
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # wait for rank 0
 
     mx.reset_peak_memory()
-    sharded = load_model(path, group=group)
+    dtype = getattr(mx, args.dtype)
+    sharded = load_model(path, dtype=dtype, group=group)
     load_peak = mx.get_peak_memory()
     weights = sum(v.nbytes for _, v in tree_flatten(sharded.parameters()))
 
@@ -128,7 +131,7 @@ def main() -> None:
     settings = DiffusionSettings(steps=args.steps, canvas_length=args.canvas_length, stability_threshold=0)
 
     result = {
-        "ranks": group.size(), "rank0_weights_mib": weights / 2**20, "rank0_load_peak_mib": load_peak / 2**20,
+        "ranks": group.size(), "dtype": args.dtype, "rank0_weights_mib": weights / 2**20, "rank0_load_peak_mib": load_peak / 2**20,
         "blas": os.environ.get("LD_PRELOAD", "default"),
     }
     mx.reset_peak_memory()
@@ -146,7 +149,7 @@ def main() -> None:
             prompts, max_tokens = [ids[0].tolist()], args.max_tokens
         tokens = generated(sharded, prompts, settings, max_tokens)
         pair = logits_pair(sharded, ids, canvas)
-        whole = load_model(path)
+        whole = load_model(path, dtype=dtype)
         reference = logits_pair(whole, ids, canvas)
         pair = (pair[0], logits_pair(sharded, ids, canvas, sc=reference[0])[1])
         result["max_abs_diff_first_step"] = mx.abs(pair[0] - reference[0]).max().item()

@@ -1,7 +1,7 @@
 """Train the built-in Sudoku model with `mlx-diffgemma finetune`, and measure its solve rate.
 
-    python benchmarks/sudoku.py data  --out /tmp/sudoku       # generated puzzles, JSONL
-    python benchmarks/sudoku.py init  --out /tmp/sudoku       # random model + tokenizer
+    python benchmarks/sudoku.py data  --size 6 --out /tmp/sudoku   # generated puzzles, JSONL
+    python benchmarks/sudoku.py init  --size 6 --out /tmp/sudoku   # random model + tokenizer
     mlx-diffgemma finetune --model /tmp/sudoku/init --data /tmp/sudoku/data -o /tmp/sudoku/model ...
     python benchmarks/sudoku.py eval  --model /tmp/sudoku/model --count 200
 
@@ -25,12 +25,12 @@ from mlx_diffgemma import sudoku
 
 HELD_OUT_SEED = 12345
 TRAIN_SEED, VALID_SEED = 1, 999_999
-TRAIN_GIVENS = (30, 45)
+TRAIN_GIVENS = {9: (30, 45), 6: (10, 20), 4: (4, 10)}
 
 
-def held_out(count: int, givens: int, seed: int = HELD_OUT_SEED) -> list[list[int]]:
+def held_out(count: int, givens: int, n: int, seed: int = HELD_OUT_SEED) -> list[list[int]]:
     rng = random.Random(seed * 100 + givens)
-    return [sudoku.generate_puzzle(givens, rng)[0] for _ in range(count)]
+    return [sudoku.generate_puzzle(givens, rng, n)[0] for _ in range(count)]
 
 
 def evaluate(model, puzzles: list[list[int]], batch: int = 100, seed: int = 0) -> dict:
@@ -45,7 +45,7 @@ def evaluate(model, puzzles: list[list[int]], batch: int = 100, seed: int = 0) -
         "solve_rate": sum(a.solved for a in attempts) / len(attempts),
         "cell_accuracy": float(np.mean(cells)),
         "steps_per_canvas": float(np.mean([a.steps for a in attempts])),
-        "tokens_per_forward": float(np.mean([sudoku.CANVAS / a.steps for a in attempts])),
+        "tokens_per_forward": float(np.mean([(len(a.grid) + 1) / a.steps for a in attempts])),
         "seconds_per_puzzle": elapsed / len(attempts),
     }
 
@@ -55,26 +55,29 @@ def main() -> None:
     parser.add_argument("stage", choices=["data", "init", "eval"])
     parser.add_argument("--out", type=Path, default=Path("/tmp/sudoku"))
     parser.add_argument("--model", type=Path, default=None, help="model to evaluate (default: the built-in one)")
-    parser.add_argument("--train-examples", type=int, default=90_000)
+    parser.add_argument("--size", type=int, choices=sorted(sudoku.BOXES), default=6)
+    parser.add_argument("--train-examples", type=int, default=100_000)
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--levels", default="easy,medium,hard")
     args = parser.parse_args()
     if args.stage == "data":
         folder = args.out / "data"
         folder.mkdir(parents=True, exist_ok=True)
-        # 3,000 generated puzzles, each under 30 random symmetries; validation from its own seed.
-        sudoku.write_dataset(folder / "train.jsonl", args.train_examples, TRAIN_GIVENS, TRAIN_SEED, transforms=30)
-        sudoku.write_dataset(folder / "valid.jsonl", 256, TRAIN_GIVENS, VALID_SEED)
+        # Each generated puzzle under 20 random symmetries; validation from its own seed.
+        givens = TRAIN_GIVENS[args.size]
+        sudoku.write_dataset(folder / "train.jsonl", args.train_examples, givens, TRAIN_SEED, transforms=20, n=args.size)
+        sudoku.write_dataset(folder / "valid.jsonl", 256, givens, VALID_SEED, n=args.size)
         print(f"wrote {folder}")
     elif args.stage == "init":
-        print(f"wrote {sudoku.init_model(args.out / 'init', seed=0)}")
+        print(f"wrote {sudoku.init_model(args.out / 'init', n=args.size, seed=0)}")
     else:
         model = sudoku.load_model(args.model)
+        n = sudoku.grid_size(model)
         results = {}
         for level in args.levels.split(","):
-            results[level] = evaluate(model, held_out(args.count, sudoku.DIFFICULTIES[level]))
+            results[level] = evaluate(model, held_out(args.count, sudoku.DIFFICULTIES[n][level], n))
             print(level, json.dumps(results[level]), flush=True)
-        print(json.dumps({"model": str(args.model or sudoku.MODEL_DIR), "blas": os.environ.get("LD_PRELOAD", "default"),
+        print(json.dumps({"model": str(args.model or sudoku.MODEL_DIR), "size": n, "blas": os.environ.get("LD_PRELOAD", "default"),
                           "results": results}, indent=2))
 
 

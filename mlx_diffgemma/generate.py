@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import mlx.core as mx
@@ -180,7 +180,11 @@ def generate_step(
     for index in range(math.ceil(max_tokens / settings.canvas_length)):
         if index > 0:
             model.encode(argmax, cache)
-        argmax, passes = yield from denoise_canvas(model, cache, index, len(prompts), settings, noise)
+        canvas_settings = settings
+        if settings.short_final_canvas:
+            wanted = max(b for b, r in zip(budgets, reasons) if r is None)
+            canvas_settings = replace(settings, canvas_length=min(settings.canvas_length, wanted))
+        argmax, passes = yield from denoise_canvas(model, cache, index, len(prompts), canvas_settings, noise)
         new_tokens, valid = [], []
         for row, tokens in enumerate(argmax.tolist()):
             if reasons[row] is not None:  # finished earlier: its canvas is discarded
@@ -303,6 +307,7 @@ def stream_generate(
     confidence_threshold: float | None = None,
     stability_threshold: int | None = None,
     canvas_length: int | None = None,
+    short_final_canvas: bool | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
     draft: bool = False,
@@ -320,7 +325,7 @@ def stream_generate(
     settings = resolve_settings(
         model, steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
         confidence_threshold=confidence_threshold, stability_threshold=stability_threshold,
-        canvas_length=canvas_length,
+        canvas_length=canvas_length, short_final_canvas=short_final_canvas,
     )
     ids = prepare_prompt(tokenizer, prompt)
     check_request(model, [ids], max_tokens, settings.canvas_length)

@@ -231,6 +231,8 @@ class Experts(nn.Module):
         local = counts[self.first : self.first + self.count].tolist()
         if self.count == self.num_experts:
             rows = order
+        elif not sum(local):  # no row was routed to this rank's experts
+            return mx.zeros((flat.size, self.down_proj.weight.shape[1]), dtype=x.dtype)
         else:  # only the rows routed to this rank's experts (contiguous in expert order)
             start = int(counts[: self.first].sum())
             rows = order[start : start + sum(local)]

@@ -27,6 +27,9 @@ class DiffusionSettings:
     confidence_threshold: float = 0.005
     stability_threshold: int = 1
     canvas_length: int = 256  # tokens denoised together; the model's own unless overridden
+    # Not in the reference: denoise the last canvas only as long as the tokens still wanted
+    # (faster when max_tokens is not a multiple of the canvas; changes that canvas's output).
+    short_final_canvas: bool = False
 
     def __post_init__(self):
         checks = [

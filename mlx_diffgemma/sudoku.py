@@ -1,43 +1,57 @@
-"""9x9 Sudoku: a puzzle generator with unique solutions, a solver, and the text format the
-built-in Sudoku model reads (81 characters, row by row, ``0`` for an empty cell).
+"""Sudoku (9x9, and the smaller 6x6 and 4x4): a puzzle generator with unique solutions, a
+solver, and the text format the built-in Sudoku model reads (the cells row by row, ``0``
+for an empty cell).
 
 Puzzles come from a random full grid with cells removed in random order while the
 solution stays unique, down to a number of givens; ``DIFFICULTIES`` names the levels.
 Validity, uniqueness and the number of givens are invariant under the Sudoku symmetries
 (digit relabelling, row and column permutations within bands and stacks, band and stack
-permutations, transposition), so ``transform`` turns one generated puzzle into many
-distinct training examples cheaply.
+permutations, transposition of square boxes), so ``transform`` turns one generated puzzle
+into many distinct training examples cheaply. A grid's size follows from its length.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-DIFFICULTIES = {"easy": 40, "medium": 34, "hard": 28}  # givens left in the grid
-ALL = 0x3FE  # bits 1..9
-
-_ROW = [i // 9 for i in range(81)]
-_COL = [i % 9 for i in range(81)]
-_BOX = [(i // 27) * 3 + (i % 9) // 3 for i in range(81)]
-PEERS = [
-    sorted({j for j in range(81) if j != i and (_ROW[j] == _ROW[i] or _COL[j] == _COL[i] or _BOX[j] == _BOX[i])})
-    for i in range(81)
-]
+BOXES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}  # size -> box rows, box columns
+DIFFICULTIES = {  # givens left in the grid
+    9: {"easy": 40, "medium": 34, "hard": 28},
+    6: {"easy": 18, "medium": 14, "hard": 11},
+    4: {"easy": 8, "medium": 6, "hard": 5},
+}
 
 
-def _candidates(grid: list[int], i: int) -> int:
-    used = 0
-    for j in PEERS[i]:
-        used |= 1 << grid[j]
-    return ALL & ~used
+def size_of(grid: list[int]) -> int:
+    n = math.isqrt(len(grid))
+    if n * n != len(grid) or n not in BOXES:
+        raise ValueError(f"a grid has 16, 36 or 81 cells (got {len(grid)})")
+    return n
+
+
+@lru_cache
+def peers(n: int) -> list[list[int]]:
+    """For each cell, the other cells of its row, column and box."""
+    br, bc = BOXES[n]
+
+    def unit(i: int) -> tuple[int, int, int]:
+        r, c = divmod(i, n)
+        return r, c, (r // br) * br + c // bc
+
+    return [
+        [j for j in range(n * n) if j != i and any(a == b for a, b in zip(unit(i), unit(j)))]
+        for i in range(n * n)
+    ]
 
 
 def count_solutions(grid: list[int], limit: int = 2, rng: random.Random | None = None) -> tuple[int, list[int] | None]:
@@ -46,14 +60,18 @@ def count_solutions(grid: list[int], limit: int = 2, rng: random.Random | None =
     Depth-first search on the empty cell with the fewest candidates; ``rng`` shuffles the
     digits tried, which makes it a random full-grid generator on an empty grid.
     """
-    grid = list(grid)
+    n = size_of(grid)
+    grid, near, full = list(grid), peers(n), (1 << (n + 1)) - 2
     found: list[list[int]] = []
 
     def search() -> bool:
-        best, best_mask, best_count = -1, 0, 10
-        for i in range(81):
-            if grid[i] == 0:
-                mask = _candidates(grid, i)
+        best, best_mask, best_count = -1, 0, n + 1
+        for i, value in enumerate(grid):
+            if value == 0:
+                used = 0
+                for j in near[i]:
+                    used |= 1 << grid[j]
+                mask = full & ~used
                 count = bin(mask).count("1")
                 if count < best_count:
                     best, best_mask, best_count = i, mask, count
@@ -64,7 +82,7 @@ def count_solutions(grid: list[int], limit: int = 2, rng: random.Random | None =
             return len(found) >= limit
         if best_count == 0:
             return False
-        digits = [d for d in range(1, 10) if best_mask >> d & 1]
+        digits = [d for d in range(1, n + 1) if best_mask >> d & 1]
         if rng is not None:
             rng.shuffle(digits)
         for d in digits:
@@ -80,21 +98,22 @@ def count_solutions(grid: list[int], limit: int = 2, rng: random.Random | None =
 
 def is_valid_solution(puzzle: list[int], solution: list[int]) -> bool:
     """``solution`` is a full valid grid that agrees with every given of ``puzzle``."""
-    if len(solution) != 81 or any(not 1 <= d <= 9 for d in solution):
+    n = size_of(puzzle)
+    if len(solution) != n * n or any(not 1 <= d <= n for d in solution):
         return False
     if any(p and p != s for p, s in zip(puzzle, solution)):
         return False
-    return all(solution[i] != solution[j] for i in range(81) for j in PEERS[i])
+    return all(solution[i] != solution[j] for i in range(n * n) for j in peers(n)[i])
 
 
-def generate_puzzle(givens: int, rng: random.Random) -> tuple[list[int], list[int]]:
-    """A puzzle with a unique solution and ``givens`` filled cells (or the fewest reachable
-    along one random removal order), and its solution."""
-    _, solution = count_solutions([0] * 81, limit=1, rng=rng)
+def generate_puzzle(givens: int, rng: random.Random, n: int = 9) -> tuple[list[int], list[int]]:
+    """An ``n`` x ``n`` puzzle with a unique solution and ``givens`` filled cells (or the
+    fewest reachable along one random removal order), and its solution."""
+    _, solution = count_solutions([0] * (n * n), limit=1, rng=rng)
     puzzle = list(solution)
-    order = list(range(81))
+    order = list(range(n * n))
     rng.shuffle(order)
-    filled = 81
+    filled = n * n
     for i in order:
         if filled == givens:
             break
@@ -108,19 +127,22 @@ def generate_puzzle(givens: int, rng: random.Random) -> tuple[list[int], list[in
 
 def transform(puzzle: list[int], solution: list[int], rng: random.Random) -> tuple[list[int], list[int]]:
     """The same puzzle under a random Sudoku symmetry (an equally hard, unique puzzle)."""
-    digits = list(range(1, 10))
+    n = size_of(puzzle)
+    br, bc = BOXES[n]
+    digits = list(range(1, n + 1))
     rng.shuffle(digits)
     relabel = np.array([0] + digits)
 
-    def lines() -> list[int]:
-        bands = rng.sample(range(3), 3)
-        return [3 * b + r for b in bands for r in rng.sample(range(3), 3)]
+    def lines(width: int) -> list[int]:  # band order, then line order within each band
+        bands = rng.sample(range(n // width), n // width)
+        return [width * b + r for b in bands for r in rng.sample(range(width), width)]
 
-    rows, cols = lines(), lines()
+    rows, cols = lines(br), lines(bc)
+    flip = br == bc and rng.random() < 0.5
     out = []
     for grid in (puzzle, solution):
-        g = relabel[np.array(grid).reshape(9, 9)][rows][:, cols]
-        out.append((g.T if rng.random() < 0.5 else g).reshape(-1).tolist())
+        g = relabel[np.array(grid).reshape(n, n)][rows][:, cols]
+        out.append((g.T if flip else g).reshape(-1).tolist())
     return out[0], out[1]
 
 
@@ -129,40 +151,48 @@ def format_grid(grid: list[int]) -> str:
 
 
 def parse_grid(text: str) -> list[int]:
-    """An 81-cell grid from text: digits, with ``0`` or ``.`` for empty cells; whitespace, ``|``,
-    ``-`` and ``+`` (as in a drawn grid) are ignored."""
+    """A grid from text: 16, 36 or 81 cells of digits, with ``0`` or ``.`` for empty cells;
+    whitespace, ``|``, ``-`` and ``+`` (as in a drawn grid) are ignored."""
     cells = [c for c in text if not c.isspace() and c not in "|-+"]
-    if len(cells) != 81 or any(c not in "0123456789." for c in cells):
-        raise ValueError(f"a puzzle is 81 cells of digits 1-9 with 0 or . for empty ones (got {len(cells)} cells)")
+    if len(cells) not in (16, 36, 81) or any(c not in "0123456789." for c in cells):
+        raise ValueError(f"a puzzle is 81 cells (or 36, or 16) of digits, with 0 or . for empty ones (got {len(cells)} cells)")
     grid = [0 if c == "." else int(c) for c in cells]
-    if count_solutions(grid, limit=1)[0] == 0:
-        raise ValueError("this puzzle has no solution")
+    n = size_of(grid)
+    if any(d > n for d in grid):
+        raise ValueError(f"a {n}x{n} puzzle uses the digits 1-{n}")
+    clash = next(((i, j) for i in range(n * n) for j in peers(n)[i] if j > i and grid[i] and grid[i] == grid[j]), None)
+    if clash is not None:
+        (r1, c1), (r2, c2) = divmod(clash[0], n), divmod(clash[1], n)
+        raise ValueError(f"the puzzle repeats {grid[clash[0]]} at row {r1 + 1} column {c1 + 1} and row {r2 + 1} column {c2 + 1}")
     return grid
 
 
 def render(grid: list[int], puzzle: list[int] | None = None) -> str:
     """A drawn grid; with ``puzzle``, the givens are bold (rich markup)."""
+    n = size_of(grid)
+    br, bc = BOXES[n]
+    rule = "-+-".join(["-" * (2 * bc - 1)] * (n // bc))
     out = []
-    for r in range(9):
-        if r and r % 3 == 0:
-            out.append("------+-------+------")
+    for r in range(n):
+        if r and r % br == 0:
+            out.append(rule)
         cells = []
-        for c in range(9):
-            d = grid[9 * r + c]
+        for c in range(n):
+            d = grid[n * r + c]
             text = str(d) if d else "."
-            if puzzle is not None and puzzle[9 * r + c]:
+            if puzzle is not None and puzzle[n * r + c]:
                 text = f"[bold]{text}[/bold]"
-            cells.append(text + (" |" if c in (2, 5) else ""))
+            cells.append(text + (" |" if (c + 1) % bc == 0 and c + 1 < n else ""))
         out.append(" ".join(cells))
     return "\n".join(out)
 
 
-def puzzles(givens: int | tuple[int, int], seed: int) -> Iterator[tuple[list[int], list[int]]]:
+def puzzles(givens: int | tuple[int, int], seed: int, n: int = 9) -> Iterator[tuple[list[int], list[int]]]:
     """An endless stream of generated puzzles; ``givens`` a count or an inclusive range."""
     rng = random.Random(seed)
     while True:
         target = givens if isinstance(givens, int) else rng.randint(*givens)
-        yield generate_puzzle(target, rng)
+        yield generate_puzzle(target, rng, n)
 
 
 # ---------------------------------------------------------------- the built-in model
@@ -170,28 +200,27 @@ def puzzles(givens: int | tuple[int, int], seed: int) -> Iterator[tuple[list[int
 VOCAB = ["<pad>", "<eos>", "<bos>", "<unk>", *"0123456789", ".", "\n"]
 PAD, EOS, BOS = 0, 1, 2
 DIGIT0 = VOCAB.index("0")
-CANVAS = 82  # the 81 cells and EOS
 
-# A DiffusionGemma text model at toy scale: same layer layout (sliding and full attention,
-# dense MLP beside routed experts, self-conditioning), 16-token vocabulary. The RoPE base
-# is small so that some rotation periods fall near the grid's 9, 27 and 81.
-MODEL_CONFIG: dict[str, Any] = {
-    "model_type": "diffusion_gemma",
-    "canvas_length": CANVAS,
-    "tie_word_embeddings": True,
-    "text_config": {
-        "vocab_size": len(VOCAB), "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 6,
+
+def model_config(n: int, **text_config: Any) -> dict[str, Any]:
+    """A DiffusionGemma text model at toy scale for ``n`` x ``n`` grids: the same layer layout
+    (sliding and full attention, a dense MLP beside routed experts, self-conditioning), a
+    16-token vocabulary, and a canvas of the cells plus EOS. The RoPE base is small so that
+    some rotation periods fall near the grid's row and box strides."""
+    text = {
+        "vocab_size": len(VOCAB), "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 32, "global_head_dim": 32,
         "num_global_key_value_heads": 4, "attention_k_eq_v": True, "num_experts": 4, "top_k_experts": 2,
         "moe_intermediate_size": 128, "sliding_window": 256, "max_position_embeddings": 512,
-        "layer_types": ["sliding_attention", "full_attention"] * 3,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
         "rope_parameters": {
             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
             "full_attention": {"rope_type": "default", "rope_theta": 100.0},
         },
         "final_logit_softcapping": 30.0, "pad_token_id": PAD, "eos_token_id": EOS, "bos_token_id": BOS,
-    },
-}
+    }
+    text.update(text_config)
+    return {"model_type": "diffusion_gemma", "canvas_length": n * n + 1, "tie_word_embeddings": True, "text_config": text}
 
 
 def write_tokenizer(folder: Path) -> None:
@@ -209,14 +238,13 @@ def write_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def init_model(folder: Path, seed: int = 0, **text_config: Any) -> Path:
+def init_model(folder: Path, n: int = 9, seed: int = 0, **text_config: Any) -> Path:
     """A randomly initialised Sudoku model folder (config, weights, tokenizer), ready to train."""
     from mlx.utils import tree_flatten
 
     from .model import Model, ModelArgs
 
-    config = json.loads(json.dumps(MODEL_CONFIG))
-    config["text_config"].update(text_config)
+    config = model_config(n, **text_config)
     folder.mkdir(parents=True, exist_ok=True)
     mx.random.seed(seed)
     model = Model(ModelArgs.from_dict(config))
@@ -235,17 +263,22 @@ def completion_ids(solution: list[int]) -> list[int]:
     return [DIGIT0 + d for d in solution]
 
 
-def grid_from_ids(ids: list[int]) -> list[int]:
-    """The 81 cells of a canvas; a cell whose token is not a digit reads as 0 (empty)."""
-    cells = [t - DIGIT0 if DIGIT0 <= t <= DIGIT0 + 9 else 0 for t in ids[:81]]
-    return cells + [0] * (81 - len(cells))
+def grid_from_ids(ids: list[int], n: int) -> list[int]:
+    """The cells of a canvas; a cell whose token is not a digit reads as 0 (empty)."""
+    cells = [t - DIGIT0 if DIGIT0 <= t <= DIGIT0 + 9 else 0 for t in ids[: n * n]]
+    return cells + [0] * (n * n - len(cells))
 
 
-def write_dataset(path: Path, count: int, givens: int | tuple[int, int], seed: int, transforms: int = 1) -> None:
+def grid_size(model) -> int:
+    """The grid a Sudoku model solves, from its canvas (the cells and EOS)."""
+    return size_of([0] * (model.args.canvas_length - 1))
+
+
+def write_dataset(path: Path, count: int, givens: int | tuple[int, int], seed: int, transforms: int = 1, n: int = 9) -> None:
     """``count`` prompt/completion lines (puzzle, solution) for ``finetune``; each generated
     puzzle appears under ``transforms`` random symmetries."""
     rng = random.Random(seed + 1)
-    stream = puzzles(givens, seed)
+    stream = puzzles(givens, seed, n)
     with path.open("w") as f:
         written = 0
         while written < count:
@@ -274,17 +307,20 @@ def solve_stream(model, puzzles: list[list[int]], seed: int = 0, **settings: Any
     ``settings`` override them): yields ``(step, grids)`` drafts, then the attempts."""
     from .generate import Canvas, Draft, SeededNoise, generate_step, resolve_settings
 
+    n = grid_size(model)
+    if any(len(p) != n * n for p in puzzles):
+        raise ValueError(f"this model solves {n}x{n} puzzles ({n * n} cells)")
     resolved = resolve_settings(model, **settings)
     events = generate_step(
-        model, [prompt_ids(p) for p in puzzles], max_tokens=81, settings=resolved, eos_token_ids=[EOS],
+        model, [prompt_ids(p) for p in puzzles], max_tokens=n * n, settings=resolved, eos_token_ids=[EOS],
         noise=SeededNoise(model.args.vocab_size, seed), pad_token_id=PAD,
     )
     for event in events:
         if isinstance(event, Draft):
-            yield event.step, [grid_from_ids(row) for row in event.tokens.tolist()]
+            yield event.step, [grid_from_ids(row, n) for row in event.tokens.tolist()]
         elif isinstance(event, Canvas):
-            grids = [grid_from_ids(t) for t in event.tokens]
-            yield [Attempt(p, g, n, is_valid_solution(p, g)) for p, g, n in zip(puzzles, grids, event.forward_passes)]
+            grids = [grid_from_ids(t, n) for t in event.tokens]
+            yield [Attempt(p, g, k, is_valid_solution(p, g)) for p, g, k in zip(puzzles, grids, event.forward_passes)]
             return
 
 

@@ -176,3 +176,23 @@ def test_readme_python_example_runs(hf_checkpoint, capsys):
     assert "mlx-community/diffusiongemma-26B-A4B-it-4bit" in code
     exec(code.replace("mlx-community/diffusiongemma-26B-A4B-it-4bit", str(hf_checkpoint)), {})
     assert capsys.readouterr().out.strip()
+
+
+def test_short_final_canvas_denoises_only_the_tokens_still_wanted(loaded):
+    """Canvas 16, 21 tokens: with the flag the second canvas is 5 wide; the first is unchanged."""
+    from mlx_diffgemma.generate import Canvas, Draft, SeededNoise, generate_step
+    from mlx_diffgemma.sampler import DiffusionSettings
+
+    model, _ = loaded
+    runs = {}
+    for short in (False, True):
+        settings = DiffusionSettings(steps=4, canvas_length=16, short_final_canvas=short)
+        events = list(generate_step(model, [[2, 10, 11, 12]], max_tokens=21, settings=settings, eos_token_ids=[],
+                                    noise=SeededNoise(model.args.vocab_size, 4)))
+        widths = [e.tokens.shape[1] for e in events if isinstance(e, Draft)]
+        canvases = [e.tokens[0] for e in events if isinstance(e, Canvas)]
+        runs[short] = (widths, canvases)
+    assert set(runs[False][0]) == {16}
+    assert runs[True][0][0] == 16 and runs[True][0][-1] == 5
+    assert runs[True][1][0] == runs[False][1][0]
+    assert [len(c) for c in runs[True][1]] == [16, 5]

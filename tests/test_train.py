@@ -28,7 +28,7 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
 @pytest.fixture(scope="module")
 def toy_model(tmp_path_factory):
     """A tiny random model with the Sudoku tokenizer (digits), canvas of 8 tokens."""
-    folder = sudoku.init_model(tmp_path_factory.mktemp("toy") / "model", seed=0, **TINY)
+    folder = sudoku.init_model(tmp_path_factory.mktemp("toy") / "model", n=9, seed=0, **TINY)
     config = json.loads((folder / "config.json").read_text())
     config["canvas_length"] = 8
     (folder / "config.json").write_text(json.dumps(config))
@@ -144,6 +144,11 @@ def test_finetune_lora_end_to_end_adapters_load_fuse_and_resume(toy_model, tmp_p
 
     with pytest.raises(CheckpointError):
         load_adapters(load_model(toy_model), tmp_path)
+    generate = ["generate", "--model", str(toy_model), "--raw", "123456", "--max-tokens", "8", "--seed", "0", "--steps", "4"]
+    result = CliRunner().invoke(app, generate + ["--adapter-path", str(out)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, generate + ["--adapter-path", str(tmp_path / "missing")])
+    assert result.exit_code == 1 and "has no adapters" in result.output
 
 
 @pytest.mark.parametrize("line, message", [
