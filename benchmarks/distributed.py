@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -143,8 +144,9 @@ def main() -> None:
             from mlx_diffgemma import sudoku
             from mlx_diffgemma.generate import resolve_settings
 
-            puzzles = [sudoku.generate_puzzle(34, __import__("random").Random(i))[0] for i in range(8)]
-            prompts, settings, max_tokens = [sudoku.prompt_ids(p) for p in puzzles], resolve_settings(sharded), 81
+            n = sudoku.grid_size(sharded)
+            puzzles = [sudoku.generate_puzzle(sudoku.DIFFICULTIES[n]["medium"], random.Random(i), n)[0] for i in range(8)]
+            prompts, settings, max_tokens = [sudoku.prompt_ids(p) for p in puzzles], resolve_settings(sharded), n * n
         else:
             prompts, max_tokens = [ids[0].tolist()], args.max_tokens
         tokens = generated(sharded, prompts, settings, max_tokens)

@@ -38,7 +38,7 @@ def evaluate(model, puzzles: list[list[int]], batch: int = 100, seed: int = 0) -
     for start in range(0, len(puzzles), batch):
         attempts += sudoku.solve(model, puzzles[start : start + batch], seed=seed)
     elapsed = time.perf_counter() - tic
-    cells = [sum(g == s for g, s in zip(a.grid, sudoku.count_solutions(a.puzzle)[1])) / 81 for a in attempts]
+    cells = [sum(g == s for g, s in zip(a.grid, sudoku.count_solutions(a.puzzle)[1])) / len(a.grid) for a in attempts]
     return {
         "puzzles": len(attempts),
         "solved": sum(a.solved for a in attempts),

@@ -19,7 +19,7 @@ from mlx_lm.generate import wired_limit
 
 from .cache import DiffusionCache
 from .model import Model
-from .sampler import DiffusionSettings, accept, distribution, entropy, is_stable, renoise, sample, temperature
+from .sampler import DiffusionSettings, accept, distribution, is_stable, renoise, sample, temperature
 
 PREFILL_STEP_SIZE = 512
 
@@ -101,9 +101,13 @@ def denoise_canvas(
     passes = np.zeros(batch_size, dtype=np.int64)
     for step, remaining in enumerate(range(settings.steps, 0, -1)):
         passes += ~np.array(done)
+        # Rows that already stopped keep their argmax, canvas and self-conditioning logits;
+        # when none has, the previous logits are released as soon as the forward has read them.
+        held = logits if np.array(done).any() else None
         scaled = model.denoise(canvas, cache, logits) / temperature(remaining, settings)
+        logits = None
         new_argmax = scaled.argmax(axis=-1).astype(canvas.dtype)
-        if logits is not None:  # rows that already stopped keep their argmax
+        if held is not None:
             new_argmax = mx.where(done[:, None], argmax, new_argmax)
         if remaining == 1:  # the last step: only its argmax is committed, nothing else is used
             argmax = new_argmax
@@ -111,16 +115,16 @@ def denoise_canvas(
             yield Draft(step=step + 1, tokens=argmax)
             break
         uniform, noise_tokens = noise.step(index, step, shape)
-        log_probs, probs = distribution(scaled)
-        token_entropy = entropy(log_probs, probs)
+        probs, token_entropy = distribution(scaled)
         new_canvas = renoise(sample(probs, uniform), accept(token_entropy, settings.entropy_bound), noise_tokens)
-        if logits is not None:  # ... and their canvas and self-conditioning logits
+        if held is not None:
             new_canvas = mx.where(done[:, None], canvas, new_canvas)
-            scaled = mx.where(done[:, None, None], logits, scaled)
+            scaled = mx.where(done[:, None, None], held, scaled)
         confident = token_entropy.mean(axis=-1) < settings.confidence_threshold
         done = done | (is_stable(history, new_argmax, settings.stability_threshold) & confident)
         history = (history + [new_argmax])[-settings.stability_threshold :] if settings.stability_threshold else []
         canvas, argmax, logits = new_canvas, new_argmax, scaled
+        del held, probs, scaled
         mx.eval(canvas, argmax, logits, done)
         yield Draft(step=step + 1, tokens=argmax)
         if done.all().item():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,6 +146,12 @@ class ModelArgs:
     def eos_token_ids(self) -> list[int]:
         eos = self.eos_token_id
         return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+@partial(mx.compile, shapeless=True)
+def softcap(x: mx.array, cap: float) -> mx.array:
+    """``cap * tanh(x / cap)`` as one fused kernel: no extra logits-sized temporaries."""
+    return mx.tanh(x / cap) * cap
 
 
 def rms_norm(x: mx.array, eps: float) -> mx.array:
@@ -461,7 +468,7 @@ class Model(nn.Module):
         h = self._run_layers(h, cache, causal=False, store=False, scalars=scalars, last=len(self.layers))
         logits = decoder.embed_tokens.as_linear(decoder.norm(h)).astype(mx.float32)
         cap = self.args.final_logit_softcapping
-        return mx.tanh(logits / cap) * cap if cap else logits
+        return softcap(logits, cap) if cap else logits
 
     def shard(self, group: mx.distributed.Group | None = None) -> None:
         """Split the model across ``group`` (tensor- and expert-parallel); see ``distributed.py``."""

@@ -75,14 +75,16 @@ def temperature(remaining: int, settings: DiffusionSettings) -> float:
 
 
 def distribution(logits: mx.array) -> tuple[mx.array, mx.array]:
-    """Log-probabilities and probabilities of the softmax of ``logits`` (shared by entropy and sampling)."""
-    log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return log_probs, mx.exp(log_probs)
+    """Probabilities of the softmax of ``logits`` and their entropy in nats, in one pass.
 
-
-def entropy(log_probs: mx.array, probs: mx.array) -> mx.array:
-    """Entropy over the last axis, in nats."""
-    return -(probs * log_probs).sum(axis=-1)
+    ``H = logsumexp(x) - sum(p * x)``, the dot product taken as a batched matmul, so that
+    no vocabulary-sized array is made besides the probabilities (they are the largest
+    temporaries of a denoising step).
+    """
+    lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+    probs = mx.exp(logits - lse)
+    expected = (probs[..., None, :] @ logits[..., :, None])[..., 0, 0]
+    return probs, lse[..., 0] - expected
 
 
 def sample(probs: mx.array, uniform: mx.array) -> mx.array:

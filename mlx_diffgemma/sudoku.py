@@ -311,8 +311,9 @@ def solve_stream(model, puzzles: list[list[int]], seed: int = 0, **settings: Any
     if any(len(p) != n * n for p in puzzles):
         raise ValueError(f"this model solves {n}x{n} puzzles ({n * n} cells)")
     resolved = resolve_settings(model, **settings)
+    # No EOS rule: the canvas is the cells then EOS, and a stray EOS must not cut a grid short.
     events = generate_step(
-        model, [prompt_ids(p) for p in puzzles], max_tokens=n * n, settings=resolved, eos_token_ids=[EOS],
+        model, [prompt_ids(p) for p in puzzles], max_tokens=n * n, settings=resolved, eos_token_ids=[],
         noise=SeededNoise(model.args.vocab_size, seed), pad_token_id=PAD,
     )
     for event in events:
