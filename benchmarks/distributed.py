@@ -103,8 +103,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                        help="float64 separates a sharding error from float32 rounding")
+    parser.add_argument("--dtype", choices=["native", "float32", "float64"], default="native",
+                        help="cast the weights; float64 separates a sharding error from float32 rounding")
     args = parser.parse_args()
 
     group = mx.distributed.init()
@@ -120,7 +120,7 @@ def main() -> None:
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # wait for rank 0
 
     mx.reset_peak_memory()
-    dtype = getattr(mx, args.dtype)
+    dtype = None if args.dtype == "native" else getattr(mx, args.dtype)
     sharded = load_model(path, dtype=dtype, group=group)
     load_peak = mx.get_peak_memory()
     weights = sum(v.nbytes for _, v in tree_flatten(sharded.parameters()))

@@ -52,13 +52,14 @@ def evaluate(model, puzzles: list[list[int]], batch: int = 100, seed: int = 0) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["data", "init", "eval"])
+    parser.add_argument("stage", choices=["data", "init", "eval", "curve"])
     parser.add_argument("--out", type=Path, default=Path("/tmp/sudoku"))
     parser.add_argument("--model", type=Path, default=None, help="model to evaluate (default: the built-in one)")
     parser.add_argument("--size", type=int, choices=sorted(sudoku.BOXES), default=6)
     parser.add_argument("--train-examples", type=int, default=100_000)
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--levels", default="easy,medium,hard")
+    parser.add_argument("--json", type=Path, help="eval: also write the results here")
     args = parser.parse_args()
     if args.stage == "data":
         folder = args.out / "data"
@@ -70,6 +71,13 @@ def main() -> None:
         print(f"wrote {folder}")
     elif args.stage == "init":
         print(f"wrote {sudoku.init_model(args.out / 'init', n=args.size, seed=0)}")
+    elif args.stage == "curve":  # the loss history a finetune run saved, as a markdown table
+        history = json.loads((args.model / "training_state.json").read_text())["history"]
+        print("| step | training loss (mean of the last 10 steps) | validation loss |\n|---|---|---|")
+        for h in history:
+            if h["val_loss"] is not None:
+                print(f"| {h['step']} | {h['train_loss']:.3f} | {h['val_loss']:.3f} |")
+
     else:
         model = sudoku.load_model(args.model)
         n = sudoku.grid_size(model)
@@ -77,8 +85,11 @@ def main() -> None:
         for level in args.levels.split(","):
             results[level] = evaluate(model, held_out(args.count, sudoku.DIFFICULTIES[n][level], n))
             print(level, json.dumps(results[level]), flush=True)
-        print(json.dumps({"model": str(args.model or sudoku.MODEL_DIR), "size": n, "blas": os.environ.get("LD_PRELOAD", "default"),
-                          "results": results}, indent=2))
+        report = {"model": str(args.model or sudoku.MODEL_DIR), "size": n, "puzzles_per_level": args.count,
+                  "blas": os.environ.get("LD_PRELOAD", "default"), "results": results}
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -95,6 +95,15 @@ def shard(model: Model, group: mx.distributed.Group) -> None:
         if bad:
             raise ValueError(f"{what} do not split evenly across {n} ranks")
     decoder = model.model.decoder
+    split_inputs = {"self_conditioning.down_proj": decoder.self_conditioning.down_proj}
+    for i, layer in enumerate(decoder.layers):
+        split_inputs[f"layers.{i}.self_attn.o_proj"] = layer.self_attn.o_proj
+        split_inputs[f"layers.{i}.mlp.down_proj"] = layer.mlp.down_proj
+    for name, linear in split_inputs.items():  # quantized rows must split on whole groups
+        group_size = getattr(linear, "group_size", None)
+        width = linear.weight.shape[-1] * 32 // linear.bits if group_size else linear.weight.shape[-1]
+        if group_size and (width // n) % group_size:
+            raise ValueError(f"{name}: {width} inputs split {n} ways do not fill whole quantization groups of {group_size}")
     for layer in decoder.layers:
         attn = layer.self_attn
         attn.q_proj = shard_linear(attn.q_proj, "all-to-sharded", group=group)

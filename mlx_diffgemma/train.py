@@ -291,7 +291,7 @@ def _schedule(args: TrainingArgs):
     return optim.join_schedules([optim.linear_schedule(args.learning_rate / 100, args.learning_rate, args.warmup), decay], [args.warmup])
 
 
-def _batches(examples: Sequence[Example], args: TrainingArgs, model: Model, eos: int, pad: int, rng: np.random.Generator) -> Batch:
+def _random_batch(examples: Sequence[Example], args: TrainingArgs, model: Model, eos: int, pad: int, rng: np.random.Generator) -> Batch:
     picks = rng.integers(len(examples), size=args.batch_size)
     return make_batch([examples[i] for i in picks], model.args.canvas_length, eos, pad, args.max_seq_length, rng)
 
@@ -308,7 +308,7 @@ def evaluate(model: Model, examples: Sequence[Example], args: TrainingArgs, eos:
     key = mx.random.key(args.seed + 1)
     losses = []
     for i in range(args.val_batches):
-        batch = _batches(examples, args, model, eos, pad, rng)
+        batch = _random_batch(examples, args, model, eos, pad, rng)
         loss = diffusion_loss(model, batch, mx.random.split(key, args.val_batches)[i], args.self_conditioning, _temperature(rng))
         losses.append(loss.item())
     return float(np.mean(losses))
@@ -341,7 +341,7 @@ def train(
     tokens, losses, tic = 0, [], time.perf_counter()
     for step in range(start + 1, args.iters + 1):
         rng = np.random.default_rng([args.seed, step])
-        batch = _batches(train_set, args, model, eos, pad, rng)
+        batch = _random_batch(train_set, args, model, eos, pad, rng)
         key = mx.random.key(args.seed * 1_000_003 + step)
         loss, grads = loss_and_grad(model, batch, key, args.self_conditioning, _temperature(rng))
         if args.grad_clip:

@@ -34,13 +34,29 @@ def launch(n: int, *args: str) -> dict:
 
 
 def test_two_ranks_match_one_process_on_the_tiny_model(hf_checkpoint):
-    result = launch(2, "--model", str(hf_checkpoint), "--parity", "--canvas-length", "16", "--prompt-tokens", "24")
+    result = launch(2, "--model", str(hf_checkpoint), "--parity", "--canvas-length", "16", "--prompt-tokens", "24",
+                    "--dtype", "float32")
     assert result["ranks"] == 2 and result["ranks_agree"]
     assert result["max_abs_diff_first_step"] <= 1e-4
     assert result["max_abs_diff_self_conditioned"] <= 1e-4
     # Each rank holds about half the weights (norms and the router are replicated).
     whole = sum(v.nbytes for _, v in tree_flatten(load_model(hf_checkpoint).parameters())) / 2**20
     assert result["rank0_weights_mib"] < 0.6 * whole
+
+
+def test_two_ranks_match_one_process_on_quantized_weights(tokenizer_dir, vocab_size, tmp_path):
+    """8-bit embeddings and attention, computed in float32: sharding the packed weights, scales
+    and biases must not change the logits beyond float32 rounding. (Head size 32, so that each
+    rank's half of the output projection's inputs fills whole groups of 64.)"""
+    from convert import convert
+    from helpers import build_reference_model, save_checkpoint
+
+    source = save_checkpoint(build_reference_model(vocab_size, head_dim=32, global_head_dim=32), tokenizer_dir, tmp_path / "hf")
+    quantized = convert(str(source), str(tmp_path / "q"), dtype="float32", recipe="mixed_4_8", progress=False)
+    result = launch(2, "--model", str(quantized), "--parity", "--canvas-length", "16", "--prompt-tokens", "24",
+                    "--dtype", "float32")
+    assert result["max_abs_diff_first_step"] <= 1e-4 and result["max_abs_diff_self_conditioned"] <= 1e-4
+    assert result["ranks_agree"]
 
 
 @pytest.mark.skipif(not (sudoku.MODEL_DIR / "config.json").is_file(), reason="the built-in Sudoku model is not shipped")
@@ -56,6 +72,23 @@ def test_two_ranks_generate_the_same_sudoku_solutions():
 ])
 def test_each_rank_keeps_the_kv_heads_its_queries_read(heads, kv_heads, n, expected):
     assert [_kv_range(heads, kv_heads, n, r) for r in range(n)] == expected
+
+
+def test_quantized_layers_that_cannot_split_on_group_boundaries_are_refused(hf_checkpoint, tmp_path):
+    from convert import convert
+
+    from mlx_diffgemma.distributed import shard
+
+    class TwoRanks:  # shard() checks before it sends anything
+        def size(self):
+            return 2
+
+        def rank(self):
+            return 0
+
+    model = load_model(convert(str(hf_checkpoint), str(tmp_path / "q"), recipe="mixed_4_8", progress=False))
+    with pytest.raises(ValueError, match="o_proj: 64 inputs split 2 ways"):
+        shard(model, TwoRanks())
 
 
 def test_one_rank_group_leaves_the_model_whole(hf_checkpoint):
