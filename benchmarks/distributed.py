@@ -145,7 +145,7 @@ def main() -> None:
             from mlx_diffgemma.generate import resolve_settings
 
             n = sudoku.grid_size(sharded)
-            puzzles = [sudoku.generate_puzzle(sudoku.DIFFICULTIES[n]["medium"], random.Random(i), n)[0] for i in range(8)]
+            puzzles = [sudoku.generate_puzzle(sudoku.DIFFICULTIES[n]["easy"], random.Random(i), n)[0] for i in range(8)]
             prompts, settings, max_tokens = [sudoku.prompt_ids(p) for p in puzzles], resolve_settings(sharded), n * n
         else:
             prompts, max_tokens = [ids[0].tolist()], args.max_tokens

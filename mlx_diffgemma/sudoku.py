@@ -167,10 +167,17 @@ def parse_grid(text: str) -> list[int]:
     return grid
 
 
+def conflicts(grid: list[int]) -> set[int]:
+    """Filled cells that repeat a digit of their row, column or box."""
+    near = peers(size_of(grid))
+    return {i for i, d in enumerate(grid) if d and any(grid[j] == d for j in near[i])}
+
+
 def render(grid: list[int], puzzle: list[int] | None = None) -> str:
-    """A drawn grid; with ``puzzle``, the givens are bold (rich markup)."""
+    """A drawn grid (rich markup): with ``puzzle``, givens in bold and clashing cells in red."""
     n = size_of(grid)
     br, bc = BOXES[n]
+    clash = conflicts(grid) if puzzle is not None else set()
     rule = "-+-".join(["-" * (2 * bc - 1)] * (n // bc))
     out = []
     for r in range(n):
@@ -182,6 +189,8 @@ def render(grid: list[int], puzzle: list[int] | None = None) -> str:
             text = str(d) if d else "."
             if puzzle is not None and puzzle[n * r + c]:
                 text = f"[bold]{text}[/bold]"
+            elif n * r + c in clash:
+                text = f"[red]{text}[/red]"
             cells.append(text + (" |" if (c + 1) % bc == 0 and c + 1 < n else ""))
         out.append(" ".join(cells))
     return "\n".join(out)
