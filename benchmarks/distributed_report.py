@@ -20,6 +20,8 @@ def launch(n: int, *args: str) -> dict:
     env_args = ["--env", f"LD_PRELOAD={os.environ['LD_PRELOAD']}"] if os.environ.get("LD_PRELOAD") else []
     cmd = [str(launcher), "-n", str(n), "--backend", "ring", *env_args, "--python", sys.executable,
            str(HERE / "distributed.py"), *args]
+    if n == 1:  # one plain process (mlx.launch -n 1 writes a hostfile the ring backend rejects)
+        cmd = [sys.executable, str(HERE / "distributed.py"), *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode or not lines:
