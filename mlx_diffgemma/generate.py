@@ -100,10 +100,11 @@ def denoise_canvas(
     done = mx.zeros((batch_size,), dtype=mx.bool_)
     passes = np.zeros(batch_size, dtype=np.int64)
     for step, remaining in enumerate(range(settings.steps, 0, -1)):
-        passes += ~np.array(done)
+        stopped = np.array(done)
+        passes += ~stopped
         # Rows that already stopped keep their argmax, canvas and self-conditioning logits;
         # when none has, the previous logits are released as soon as the forward has read them.
-        held = logits if np.array(done).any() else None
+        held = logits if stopped.any() else None
         scaled = model.denoise(canvas, cache, logits) / temperature(remaining, settings)
         logits = None
         new_argmax = scaled.argmax(axis=-1).astype(canvas.dtype)

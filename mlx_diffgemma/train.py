@@ -45,7 +45,7 @@ from mlx_lm.utils import save_model
 
 from .model import Model
 from .sampler import DiffusionSettings
-from .utils import TOKENIZER_FILES, CheckpointError, load_config, weight_files
+from .utils import TOKENIZER_FILES, CheckpointError, load_config, read_weights
 
 LORA_KEYS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -379,12 +379,7 @@ def _restore(model: Model, optimizer: optim.Optimizer, out: Path, args: Training
     state = json.loads(state_file.read_text())
     if bool(state["args"].get("lora")) != args.lora:
         raise CheckpointError(f"{out} was trained {'with' if state['args'].get('lora') else 'without'} --lora")
-    if args.lora:
-        weights = mx.load(str(out / ADAPTER_FILE))
-    else:
-        weights = {}
-        for file in weight_files(out):
-            weights.update(mx.load(str(file)))
+    weights = mx.load(str(out / ADAPTER_FILE)) if args.lora else read_weights(out)
     model.load_weights(list(weights.items()), strict=False)
     optimizer.init(model.trainable_parameters())
     optimizer.state = tree_unflatten(list(mx.load(str(out / OPTIMIZER_FILE)).items()))

@@ -115,6 +115,14 @@ def check_weights(model: Model, weights: dict[str, mx.array]) -> None:
         raise CheckpointError("checkpoint does not match its config: " + "; ".join(problems))
 
 
+def read_weights(model_path: Path) -> dict[str, mx.array]:
+    """Every tensor of a checkpoint folder, lazily (``mx.load`` reads a tensor when it is used)."""
+    weights: dict[str, mx.array] = {}
+    for file in weight_files(model_path):
+        weights.update(mx.load(str(file)))
+    return weights
+
+
 def load_model(model_path: Path, dtype: mx.Dtype | None = None, group: mx.distributed.Group | None = None) -> Model:
     """Config, model, sanitize, quantize, check, load: the weights are held once.
 
@@ -123,10 +131,7 @@ def load_model(model_path: Path, dtype: mx.Dtype | None = None, group: mx.distri
     """
     config = load_config(model_path)
     model = Model(ModelArgs.from_dict(config))
-    weights: dict[str, mx.array] = {}
-    for file in weight_files(model_path):
-        weights.update(mx.load(str(file)))
-    weights = model.sanitize(weights)
+    weights = model.sanitize(read_weights(model_path))
     if (quantization := quantization_config(config)) is not None:
         apply_quantization(model, quantization, weights)
     check_weights(model, weights)
