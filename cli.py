@@ -51,6 +51,23 @@ def load_or_fail(model: str, sharded: bool = False, adapter_path: str | None = N
         fail(f"cannot load {model}: {e}")
 
 
+def lead_or_follow(model_obj, tokenizer):
+    """Under ``mlx.launch``: ranks other than 0 follow rank 0's requests, then exit here;
+    rank 0 gets the ``Lockstep`` to generate with. In one process: ``None``."""
+    import mlx.core as mx
+
+    from mlx_diffgemma.distributed import Lockstep
+
+    group = mx.distributed.init()
+    if group.size() == 1:
+        return None
+    lockstep = Lockstep(group)
+    if not lockstep.leader:
+        lockstep.follow(model_obj, tokenizer)
+        raise typer.Exit(0)
+    return lockstep
+
+
 @app.command()
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="The prompt; read from standard input when omitted or '-'."),
@@ -118,18 +135,29 @@ def chat(
     no_draft: bool = typer.Option(False, "--no-draft", help="Stream committed text only, without the live denoising view."),
     adapter_path: Optional[str] = AdapterPath,
 ):
-    """Chat in the terminal; each canvas is shown denoising live. /help lists the commands."""
+    """Chat in the terminal; each canvas is shown denoising live. /help lists the commands.
+
+    Under ``mlx.launch`` every rank holds a slice of the model; rank 0 reads your messages.
+    """
     from rich.console import Console
 
+    from mlx_diffgemma import stream_generate
     from mlx_diffgemma.repl import run_chat
 
     console = Console(highlight=False)
     with console.status(f"Loading {model} ..."):
-        model_obj, tokenizer = load_or_fail(model, adapter_path=adapter_path)
-    run_chat(
-        model_obj, tokenizer, system=system, draft=not no_draft, console=console, max_tokens=max_tokens,
-        steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed,
-    )
+        model_obj, tokenizer = load_or_fail(model, sharded=True, adapter_path=adapter_path)
+    lockstep = lead_or_follow(model_obj, tokenizer)
+    try:
+        run_chat(
+            model_obj, tokenizer, system=system, draft=not no_draft, console=console,
+            generator=lockstep.stream if lockstep else stream_generate, sharded=lockstep is not None,
+            max_tokens=max_tokens,
+            steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed,
+        )
+    finally:
+        if lockstep:
+            lockstep.close()
 
 
 @app.command()
@@ -183,13 +211,17 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1/ requests."),
     adapter_path: Optional[str] = AdapterPath,
 ):
-    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
+
+    Under ``mlx.launch`` every rank holds a slice of the model; rank 0 serves.
+    """
     from mlx_diffgemma.server import serve as run_server
 
+    model_obj, tokenizer = load_or_fail(model, sharded=True, adapter_path=adapter_path)
+    lockstep = lead_or_follow(model_obj, tokenizer)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.secho(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
-    model_obj, tokenizer = load_or_fail(model, adapter_path=adapter_path)
-    run_server(model_obj, tokenizer, model, host=host, port=port, api_key=api_key)
+    run_server(model_obj, tokenizer, model, host=host, port=port, api_key=api_key, lockstep=lockstep)
 
 
 @app.command()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,10 +39,12 @@ def split_reply(text: str) -> Reply:
 class ChatSession:
     """A conversation with one model. Each turn encodes only the tokens the cache lacks:
     the conversation so far is kept as the exact token ids the model saw and wrote, and a
-    new turn appends the chat template's text for it."""
+    new turn appends the chat template's text for it. ``generator`` is ``stream_generate``
+    or, for a sharded model, ``Lockstep.stream``."""
 
-    def __init__(self, model: Model, tokenizer, system: str | None = None, **options: Any):
-        self.model, self.tokenizer, self.options = model, tokenizer, options
+    def __init__(self, model: Model, tokenizer, system: str | None = None,
+                 generator: Callable[..., Iterator[GenerationResponse]] = stream_generate, **options: Any):
+        self.model, self.tokenizer, self.options, self.generator = model, tokenizer, options, generator
         self.system = system
         self.prompt_cache = PromptCache()
         self.reset()
@@ -72,8 +74,8 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         try:
             ids = self.prompt_ids()
-            stream = stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.prompt_cache,
-                                     **{**self.options, **options})
+            stream = self.generator(self.model, self.tokenizer, ids, prompt_cache=self.prompt_cache,
+                                    **{**self.options, **options})
             first = next(stream, None)  # checks the request and prefills
         except BaseException:
             self.messages.pop()

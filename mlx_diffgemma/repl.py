@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,7 @@ from rich.live import Live
 from rich.text import Text
 
 from .chat import ChatSession, split_reply
-from .generate import GenerationResponse
+from .generate import GenerationResponse, stream_generate
 
 HELP = """Commands:
   /reset           forget the conversation
@@ -19,7 +22,7 @@ HELP = """Commands:
   /stats           speed and denoising statistics of the last reply
   /save <file>     write the conversation as JSON
   /exit            quit (or Ctrl-D)
-Ctrl-C stops a reply; the conversation keeps what was said."""
+Ctrl-C stops a reply at its next update (twice: at once); the conversation keeps what was said."""
 
 
 def format_stats(r: GenerationResponse) -> str:
@@ -47,8 +50,12 @@ def render(committed: str, draft: str | None = None) -> Group:
 
 
 class Repl:
-    def __init__(self, session: ChatSession, console: Console, draft: bool = True):
-        self.session, self.console, self.draft = session, console, draft
+    """With ``sharded`` (under ``mlx.launch``) Ctrl-C ends the session: it reaches every rank
+    and stops the launcher's forwarding of input, so the reply stops at the next update,
+    where all ranks agree, and the chat exits, releasing the other ranks."""
+
+    def __init__(self, session: ChatSession, console: Console, draft: bool = True, sharded: bool = False):
+        self.session, self.console, self.draft, self.sharded = session, console, draft, sharded
 
     def command(self, line: str) -> bool:
         """Run a /command; False means exit."""
@@ -78,23 +85,40 @@ class Repl:
             self.console.print(HELP, markup=False)
         return True
 
-    def reply(self, text: str) -> None:
-        committed = ""
+    def reply(self, text: str) -> bool:
+        """Stream a reply; False means exit. Ctrl-C stops it at the next update (draft or
+        canvas); a second one at once, unless sharded."""
+        committed, requests = "", []
+
+        def on_interrupt(signum, frame) -> None:
+            if requests and not self.sharded:
+                raise KeyboardInterrupt
+            requests.append(signum)
+
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, on_interrupt) if main else None
         stream = self.session.send(text, draft=self.draft)
         try:
             with Live(render(""), console=self.console, refresh_per_second=15, transient=True) as live:
                 for r in stream:
                     committed += r.text
                     live.update(render(committed, r.draft))
+                    if requests:
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
             stream.close()
             self.console.print(render(committed))
-            self.console.print(Text("[interrupted]", style="dim"))
-            return
+            self.console.print(Text("[interrupted; Ctrl-C ends a sharded chat]" if self.sharded else "[interrupted]",
+                                    style="dim"))
+            return not self.sharded
         except ValueError as e:
             self.console.print(f"error: {e}", style="red", markup=False)
-            return
+            return True
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
         self.console.print(render(committed))
+        return True
 
     def run(self) -> None:
         try:
@@ -110,6 +134,8 @@ class Repl:
                 return
             except KeyboardInterrupt:
                 self.console.print()
+                if self.sharded:
+                    return
                 continue
             if not line:
                 continue
@@ -117,9 +143,13 @@ class Repl:
                 if not self.command(line):
                     return
                 continue
-            self.reply(line)
+            if not self.reply(line):
+                return
 
 
-def run_chat(model, tokenizer, *, system: str | None, draft: bool, console: Console | None = None, **options: Any) -> None:
+def run_chat(model, tokenizer, *, system: str | None, draft: bool, console: Console | None = None,
+             generator: Callable[..., Iterator[GenerationResponse]] = stream_generate, sharded: bool = False,
+             **options: Any) -> None:
     console = console or Console(highlight=False)
-    Repl(ChatSession(model, tokenizer, system=system, **options), console, draft=draft).run()
+    session = ChatSession(model, tokenizer, system=system, generator=generator, **options)
+    Repl(session, console, draft=draft, sharded=sharded).run()

@@ -3,7 +3,8 @@
 One model, loaded once. Requests are served in arrival order by a single worker thread
 (MLX is driven from that thread only) while the event loop keeps answering ``/health``
 and ``/v1/models``. A client that goes away stops its generation. The worker keeps one
-``PromptCache``, so the next turn of a conversation encodes only what is new.
+``PromptCache``, so the next turn of a conversation encodes only what is new. Under
+``mlx.launch`` rank 0 serves and the other ranks follow each request (``Lockstep``).
 
 ``temperature`` maps onto DiffusionGemma's schedule: ``t_max = temperature`` and
 ``t_min = temperature / 2`` (the default 0.8 -> 0.4 shape); ``temperature = 0`` is
@@ -27,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .chat import split_reply
+from .distributed import Lockstep
 from .generate import GenerationResponse, PromptCache, check_request, prepare_prompt, resolve_settings, stream_generate
 from .model import Model
 
@@ -55,23 +57,27 @@ class Job:
 
 
 class Worker:
-    """The single thread that runs MLX."""
+    """The single thread that runs MLX. With ``lockstep`` (a sharded model under
+    ``mlx.launch``) the other ranks follow each job and are released on ``stop``."""
 
-    def __init__(self, model: Model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: Model, tokenizer, lockstep: Lockstep | None = None):
+        self.model, self.tokenizer, self.lockstep = model, tokenizer, lockstep
+        self.generate = lockstep.stream if lockstep else stream_generate
         self.prompt_cache = PromptCache()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="mlx-diffgemma-worker", daemon=True)
         self.thread.start()
 
     def run(self) -> None:
         while (job := self.jobs.get()) is not None:
-            if job.cancelled.is_set():
+            if job.cancelled.is_set() or self.stopping.is_set():
+                job.emit(None)
                 continue
-            stream = stream_generate(self.model, self.tokenizer, job.ids, prompt_cache=self.prompt_cache, **job.options)
+            stream = self.generate(self.model, self.tokenizer, job.ids, prompt_cache=self.prompt_cache, **job.options)
             try:
                 for response in stream:
-                    if job.cancelled.is_set():
+                    if job.cancelled.is_set() or self.stopping.is_set():
                         break
                     job.emit(response)
             except Exception as e:  # reported to the client; the worker goes on
@@ -79,9 +85,14 @@ class Worker:
             finally:
                 stream.close()
                 job.emit(None)
+        if self.lockstep:
+            self.lockstep.close()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop the current job at its next step, drop queued ones, and wait for the thread."""
+        self.stopping.set()
         self.jobs.put(None)
+        self.thread.join(timeout)
 
 
 def parse_number(body: dict, name: str, kind: type, low: float | None = None) -> Any:
@@ -131,9 +142,10 @@ def diffusion_stats(r: GenerationResponse | None) -> dict[str, Any]:
             "prompt_tps": r.prompt_tps, "generation_tps": r.generation_tps, "peak_memory_gb": r.peak_memory}
 
 
-def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = None) -> FastAPI:
+def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = None,
+               lockstep: Lockstep | None = None) -> FastAPI:
     app = FastAPI(title="mlx-diffgemma", docs_url=None, redoc_url=None)
-    worker = Worker(model, tokenizer)
+    worker = Worker(model, tokenizer, lockstep)
     app.state.worker = worker
     created = int(time.time())
 
@@ -316,7 +328,8 @@ def _text(content: str | list) -> str:
     return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
 
 
-def serve(model: Model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 1234, api_key: str | None = None) -> None:
+def serve(model: Model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 1234, api_key: str | None = None,
+          lockstep: Lockstep | None = None) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(model, tokenizer, model_id, api_key), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(model, tokenizer, model_id, api_key, lockstep), host=host, port=port, log_level="info")

@@ -1,9 +1,12 @@
 """Two processes over the ring backend (mlx.launch) against one: logits, tokens, memory."""
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,10 +26,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(n: int, *args: str) -> dict:
-    launcher = Path(sys.executable).parent / "mlx.launch"
-    cmd = [str(launcher), "-n", str(n), "--backend", "ring", "--starting-port", str(free_port()),
-           "--python", sys.executable, str(ROOT / "benchmarks" / "distributed.py"), *args]
+LAUNCHER = Path(sys.executable).parent / "mlx.launch"
+
+
+def launch(n: int, *args: str, script: Path = ROOT / "benchmarks" / "distributed.py") -> dict:
+    """Rank 0's JSON line from ``script`` run on ``n`` ranks (``n == 1``: a plain process)."""
+    cmd = [sys.executable, str(script), *args]
+    if n > 1:
+        cmd = [str(LAUNCHER), "-n", str(n), "--backend", "ring", "--starting-port", str(free_port()),
+               "--python", *cmd]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     assert out.returncode == 0 and lines, out.stdout + out.stderr
@@ -63,6 +71,91 @@ def test_two_ranks_match_one_process_on_quantized_weights(tokenizer_dir, vocab_s
 def test_two_ranks_generate_the_same_sudoku_solutions():
     result = launch(2, "--model", str(sudoku.MODEL_DIR), "--parity", "--sudoku", "--canvas-length", "16")
     assert result["identical_rows"] == "8/8" and result["ranks_agree"]
+
+
+def test_sharded_chat_follows_rank_0_through_stopped_replies_resets_and_refusals(hf_checkpoint):
+    """Rank 0 chats; rank 1 follows each turn (Lockstep). A reply stopped after its first
+    draft, a conversation reset on rank 0 only, a refused request and a stop string must
+    neither hang the ranks nor change any reply from what one process writes."""
+    script = ROOT / "tests" / "lockstep_chat.py"
+    one, two = launch(1, str(hf_checkpoint), script=script), launch(2, str(hf_checkpoint), script=script)
+    assert two["ranks"] == 2 and two["replies"] == one["replies"]
+    full, after_stop, after_reset, refusal, stopped = one["replies"]
+    assert len(full) == 20 and len(after_stop) == 20 and after_reset == full
+    assert "steps must be a positive integer" in refusal
+    assert stopped == full[:16]  # the stop string ends the reply at the first canvas
+
+
+def launch_cli(log: Path, *args: str, stdin=None) -> subprocess.Popen:
+    """``mlx.launch -n 2 -- mlx-diffgemma ARGS`` in a session of its own (for Ctrl-C)."""
+    cmd = [str(LAUNCHER), "-n", "2", "--backend", "ring", "--starting-port", str(free_port()), "--",
+           str(Path(sys.executable).parent / "mlx-diffgemma"), *args]
+    return subprocess.Popen(cmd, stdin=stdin, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+                            start_new_session=True)
+
+
+def ctrl_c_ends_every_process(process: subprocess.Popen, log: Path) -> None:
+    """Send SIGINT to the launcher and every rank, as Ctrl-C in the terminal does; all must exit."""
+    os.killpg(process.pid, signal.SIGINT)
+    deadline = time.time() + 60
+    try:
+        while time.time() < deadline:
+            process.poll()  # reap the launcher, or it stays in the group as a zombie
+            os.killpg(process.pid, 0)
+            time.sleep(0.5)
+        pytest.fail("a process is still running 60 s after Ctrl-C:\n" + log.read_text())
+    except ProcessLookupError:
+        pass  # every process of the session has exited
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_sharded_server_survives_a_client_going_away_and_shuts_down_every_rank(hf_checkpoint, tmp_path):
+    """``mlx.launch ... -- mlx-diffgemma serve``: rank 0 serves, rank 1 follows. A streaming
+    client that disconnects stops both ranks at the same step; Ctrl-C ends every process."""
+    import httpx
+
+    port, log = free_port(), tmp_path / "serve.log"
+    server = launch_cli(log, "serve", "--model", str(hf_checkpoint), "--port", str(port))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.time() < deadline and server.poll() is None, log.read_text()
+                time.sleep(0.5)
+        body = {"prompt": "hi", "max_tokens": 16, "seed": 5, "steps": 8}
+        first = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "max_tokens": 64, "stream": True}, timeout=120) as r:
+            next(r.iter_lines())  # one chunk, then the client goes away
+        again = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        assert again == first
+    finally:
+        ctrl_c_ends_every_process(server, log)
+
+
+def test_ctrl_c_in_the_middle_of_a_sharded_chat_reply_ends_every_rank(hf_checkpoint, tmp_path):
+    """Ctrl-C reaches the launcher and both ranks mid-reply. The launcher stops forwarding
+    input, so the chat must end: rank 0 stops at a step both ranks reach and releases rank 1."""
+    log = tmp_path / "chat.log"
+    chat = launch_cli(log, "chat", "--model", str(hf_checkpoint), "--max-tokens", "400", "--no-draft",
+                      stdin=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while ">>> " not in log.read_text():
+            assert time.time() < deadline and chat.poll() is None, log.read_text()
+            time.sleep(0.5)
+        chat.stdin.write(b"Tell me a long story\n")
+        chat.stdin.flush()
+        time.sleep(3)  # 25 canvases of 48 steps: still replying
+    finally:
+        ctrl_c_ends_every_process(chat, log)
 
 
 @pytest.mark.parametrize("heads, kv_heads, n, expected", [
