@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -168,6 +169,9 @@ def bench(
     steps: Optional[int] = Steps,
     canvas_length: Optional[int] = CanvasLength,
     seed: int = typer.Option(0, "--seed", help="Seed for the random prompts and the sampler."),
+    plot: Optional[Path] = typer.Option(
+        None, "--plot", help="Also draw how canvases settle and the step time per prompt length (.png, .svg, .pdf); "
+        "needs matplotlib (pip install 'mlx-diffgemma[plot]')."),
 ):
     """Measure prefill, denoising steps, generation speed, memory and matmul efficiency."""
     import os
@@ -184,6 +188,15 @@ def bench(
             raise ValueError
     except ValueError:
         fail(f"--prompt-tokens must be comma-separated positive integers, got {prompt_tokens!r}")
+    if plot is not None:
+        if plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+            fail(f"--plot must name a .png, .svg or .pdf file, got {plot}")
+        if not plot.parent.is_dir():
+            fail(f"--plot: folder {plot.parent} does not exist")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            fail("--plot needs matplotlib: pip install 'mlx-diffgemma[plot]'")
     model_obj, tokenizer = load_or_fail(model)
     try:
         settings = resolve_settings(model_obj, steps=steps, canvas_length=canvas_length)
@@ -201,6 +214,11 @@ def bench(
     console.print(table)
     blas = os.environ.get("LD_PRELOAD") or "the default BLAS"
     console.print(f"matmul peak (square matmul in the model's dtype): {peak / 1e12:.3f} TFLOP/s; BLAS: {blas}")
+    if plot is not None:
+        from mlx_diffgemma.bench import plot_bench
+
+        plot_bench(rows, plot, f"{model}: {settings.steps} steps max, canvas {settings.canvas_length}")
+        console.print(f"plot written to {plot}")
 
 
 @app.command()

@@ -4,12 +4,13 @@ the fraction of the machine's matmul throughput a denoising step achieves."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from .generate import Canvas, SeededNoise, denoise_canvas, generate_step, prefill
+from .generate import Canvas, Draft, SeededNoise, denoise_canvas, generate_step, prefill
 from .model import Model, ModelArgs
 from .sampler import DiffusionSettings
 
@@ -25,6 +26,9 @@ class BenchRow:
     peak_memory_gb: float
     step_tflops: float  # achieved by a denoising step
     matmul_fraction: float  # of the measured matmul peak
+    # Per canvas of the end-to-end run, per step: the fraction of the canvas's draft that
+    # already equals what it commits (how a canvas settles; 1.0 at its last step).
+    settling: list[list[float]] = field(default_factory=list)
 
 
 def _block_macs(args: ModelArgs, i: int) -> int:
@@ -109,17 +113,22 @@ def bench_prompt(
 
     # End to end with the real stopping rules.
     start, tokens, passes, valid, steps = time.perf_counter(), 0, 0, 0, []
+    drafts, settling = [], []
     for event in generate_step(model, [ids], max_tokens=max_tokens, settings=settings, eos_token_ids=eos_token_ids, noise=noise):
-        if isinstance(event, Canvas):
+        if isinstance(event, Draft):
+            drafts.append(event.tokens[0])
+        elif isinstance(event, Canvas):
             tokens += len(event.tokens[0])
             passes += event.forward_passes[0]
             valid += event.valid_tokens[0]
             steps.append(event.steps)
+            settling.append([(d == drafts[-1]).mean().item() for d in drafts])
+            drafts = []
     elapsed = time.perf_counter() - start
     flops = denoise_flops(model.args, prompt_tokens, settings.canvas_length) / step
     return BenchRow(
         prompt_tokens, prefill_tps, step * 1e3, float(np.mean(steps)), valid / max(passes, 1), tokens / elapsed,
-        mx.get_peak_memory() / 1e9, flops / 1e12, flops / peak,
+        mx.get_peak_memory() / 1e9, flops / 1e12, flops / peak, settling,
     )
 
 
@@ -131,3 +140,34 @@ def run_bench(
     dtype = model.model.decoder.norm.weight.dtype
     peak = matmul_peak_flops(dtype)
     return [bench_prompt(model, n, max_tokens, settings, eos_token_ids, peak, seed) for n in prompt_lengths], peak
+
+
+def plot_bench(rows: list[BenchRow], path: Path, title: str) -> None:
+    """Two panels: how each canvas settles step by step (the first prompt length's run), and
+    the time per denoising step by prompt length, labelled with the share of matmul peak."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (settle, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, curve in enumerate(rows[0].settling):
+        settle.plot(range(1, len(curve) + 1), [100 * f for f in curve], marker=".", label=f"canvas {i + 1}")
+    settle.set(xlabel="denoising step", ylabel="% of canvas already final", ylim=(0, 102),
+               title=f"How canvases settle ({rows[0].prompt_tokens}-token prompt)")
+    settle.legend(fontsize="small")
+    lengths = [r.prompt_tokens for r in rows]
+    speed.plot(lengths, [r.step_ms for r in rows], marker="o")
+    for r in rows:
+        speed.annotate(f"{r.matmul_fraction:.0%} of peak", (r.prompt_tokens, r.step_ms), textcoords="offset points",
+                       xytext=(0, 8), ha="center", fontsize="small")
+    speed.set(xlabel="prompt tokens", ylabel="ms per denoising step", title="Denoising step time",
+              ylim=(0, 1.25 * max(r.step_ms for r in rows)))
+    if len(lengths) > 1 and max(lengths) / min(lengths) >= 8:
+        speed.set_xscale("log")
+    speed.set_xticks(lengths, [str(n) for n in lengths])
+    speed.minorticks_off()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

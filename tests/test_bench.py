@@ -32,14 +32,22 @@ def test_bench_rows_for_each_prompt_length(hf_checkpoint):
     for r in rows:
         assert r.prefill_tps > 0 and r.step_ms > 0 and r.generation_tps > 0
         assert 1 <= r.steps_per_canvas <= 3 and 0 < r.tokens_per_forward <= 16 and 0 < r.matmul_fraction
+        # one settling curve per canvas, one point per step it ran, ending fully settled
+        assert 1 <= len(r.settling) <= 2
+        assert all(1 <= len(c) <= 3 and c[-1] == 1.0 and all(0 <= f <= 1 for f in c) for c in r.settling)
 
 
-def test_bench_command_prints_a_table(hf_checkpoint):
+def test_bench_command_prints_a_table_and_draws_a_plot(hf_checkpoint, tmp_path):
     cli = str(Path(__file__).parents[1] / "cli.py")
-    out = subprocess.run([sys.executable, cli, "bench", "-m", str(hf_checkpoint), "--prompt-tokens", "8",
-                          "--max-tokens", "16", "--steps", "2"], capture_output=True, text=True, timeout=300)
+    plot = tmp_path / "bench.png"
+    out = subprocess.run([sys.executable, cli, "bench", "-m", str(hf_checkpoint), "--prompt-tokens", "8,24",
+                          "--max-tokens", "32", "--steps", "2", "--plot", str(plot)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "ms/step" in out.stdout and "matmul peak" in out.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad_plot = subprocess.run([sys.executable, cli, "bench", "-m", str(hf_checkpoint), "--plot", str(tmp_path / "b.txt")],
+                              capture_output=True, text=True)
+    assert bad_plot.returncode == 1 and "--plot must name" in bad_plot.stderr
     bad = subprocess.run([sys.executable, cli, "bench", "-m", str(hf_checkpoint), "--prompt-tokens", "x"],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "--prompt-tokens must be" in bad.stderr
