@@ -26,6 +26,10 @@ TMin = typer.Option(None, "--t-min", help="Temperature at the last denoising ste
 TMax = typer.Option(None, "--t-max", help="Temperature at the first denoising step (default 0.8).")
 Seed = typer.Option(None, "--seed", help="Random seed, for reproducible output.")
 CanvasLength = typer.Option(None, "--canvas-length", help="Tokens denoised together (default: the model's, 256).")
+ScTopK = typer.Option(
+    None, "--sc-top-k",
+    help="Self-condition on each position's k most likely tokens only (faster on large vocabularies; "
+    "not the reference's full softmax, which is the default, 0).")
 AdapterPath = typer.Option(None, "--adapter-path", help="LoRA adapters from 'finetune --lora' to apply.")
 
 
@@ -85,6 +89,7 @@ def generate(
     short_final_canvas: bool = typer.Option(
         False, "--short-final-canvas",
         help="Denoise the last canvas only as long as the tokens still wanted (faster; that canvas differs from the reference)."),
+    sc_top_k: Optional[int] = ScTopK,
     adapter_path: Optional[str] = AdapterPath,
 ):
     """Answer one prompt and print the reply as it is committed, canvas by canvas.
@@ -108,6 +113,7 @@ def generate(
         for last in stream_generate(
             model_obj, tokenizer, request, max_tokens, steps=steps, entropy_bound=entropy_bound,
             t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed, short_final_canvas=short_final_canvas,
+            self_conditioning_top_k=sc_top_k,
         ):
             echo(last.text, end="", flush=True)
     except ValueError as e:
@@ -134,6 +140,7 @@ def chat(
     canvas_length: Optional[int] = CanvasLength,
     seed: Optional[int] = Seed,
     no_draft: bool = typer.Option(False, "--no-draft", help="Stream committed text only, without the live denoising view."),
+    sc_top_k: Optional[int] = ScTopK,
     adapter_path: Optional[str] = AdapterPath,
 ):
     """Chat in the terminal; each canvas is shown denoising live. /help lists the commands.
@@ -155,6 +162,7 @@ def chat(
             generator=lockstep.stream if lockstep else stream_generate, sharded=lockstep is not None,
             max_tokens=max_tokens,
             steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed,
+            self_conditioning_top_k=sc_top_k,
         )
     finally:
         if lockstep:
@@ -169,11 +177,13 @@ def bench(
     steps: Optional[int] = Steps,
     canvas_length: Optional[int] = CanvasLength,
     seed: int = typer.Option(0, "--seed", help="Seed for the random prompts and the sampler."),
+    sc_top_k: Optional[int] = ScTopK,
     plot: Optional[Path] = typer.Option(
         None, "--plot", help="Also draw how canvases settle and the step time per prompt length (.png, .svg, .pdf); "
         "needs matplotlib (pip install 'mlx-diffgemma[plot]')."),
 ):
     """Measure prefill, denoising steps, generation speed, memory and matmul efficiency."""
+    import importlib.util
     import os
 
     from rich.console import Console
@@ -193,13 +203,11 @@ def bench(
             fail(f"--plot must name a .png, .svg or .pdf file, got {plot}")
         if not plot.parent.is_dir():
             fail(f"--plot: folder {plot.parent} does not exist")
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("matplotlib") is None:
             fail("--plot needs matplotlib: pip install 'mlx-diffgemma[plot]'")
     model_obj, tokenizer = load_or_fail(model)
     try:
-        settings = resolve_settings(model_obj, steps=steps, canvas_length=canvas_length)
+        settings = resolve_settings(model_obj, steps=steps, canvas_length=canvas_length, self_conditioning_top_k=sc_top_k)
         rows, peak = run_bench(model_obj, lengths, max_tokens, settings, sorted(tokenizer.eos_token_ids), seed)
     except ValueError as e:
         fail(str(e))

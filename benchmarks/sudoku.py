@@ -33,10 +33,10 @@ def held_out(count: int, givens: int, n: int, seed: int = HELD_OUT_SEED) -> list
     return [sudoku.generate_puzzle(givens, rng, n)[0] for _ in range(count)]
 
 
-def evaluate(model, puzzles: list[list[int]], batch: int = 100, seed: int = 0) -> dict:
+def evaluate(model, puzzles: list[list[int]], batch: int = 100, seed: int = 0, **settings) -> dict:
     attempts, tic = [], time.perf_counter()
     for start in range(0, len(puzzles), batch):
-        attempts += sudoku.solve(model, puzzles[start : start + batch], seed=seed)
+        attempts += sudoku.solve(model, puzzles[start : start + batch], seed=seed, **settings)
     elapsed = time.perf_counter() - tic
     cells = [sum(g == s for g, s in zip(a.grid, sudoku.count_solutions(a.puzzle)[1])) / len(a.grid) for a in attempts]
     return {

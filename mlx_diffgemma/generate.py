@@ -105,7 +105,7 @@ def denoise_canvas(
         # Rows that already stopped keep their argmax, canvas and self-conditioning logits;
         # when none has, the previous logits are released as soon as the forward has read them.
         held = logits if stopped.any() else None
-        scaled = model.denoise(canvas, cache, logits) / temperature(remaining, settings)
+        scaled = model.denoise(canvas, cache, logits, settings.self_conditioning_top_k) / temperature(remaining, settings)
         logits = None
         new_argmax = scaled.argmax(axis=-1).astype(canvas.dtype)
         if held is not None:
@@ -313,6 +313,7 @@ def stream_generate(
     stability_threshold: int | None = None,
     canvas_length: int | None = None,
     short_final_canvas: bool | None = None,
+    self_conditioning_top_k: int | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
     draft: bool = False,
@@ -331,6 +332,7 @@ def stream_generate(
         model, steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
         confidence_threshold=confidence_threshold, stability_threshold=stability_threshold,
         canvas_length=canvas_length, short_final_canvas=short_final_canvas,
+        self_conditioning_top_k=self_conditioning_top_k,
     )
     ids = prepare_prompt(tokenizer, prompt)
     check_request(model, [ids], max_tokens, settings.canvas_length)

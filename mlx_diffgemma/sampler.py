@@ -30,6 +30,10 @@ class DiffusionSettings:
     # Not in the reference: denoise the last canvas only as long as the tokens still wanted
     # (faster when max_tokens is not a multiple of the canvas; changes that canvas's output).
     short_final_canvas: bool = False
+    # Not in the reference: feed self-conditioning only the k most likely tokens of each
+    # position (their exact probabilities; the tail is dropped) instead of the whole softmax.
+    # 0 is the reference's full product with the embedding table.
+    self_conditioning_top_k: int = 0
 
     def __post_init__(self):
         checks = [
@@ -41,6 +45,8 @@ class DiffusionSettings:
             (_number(self.t_min) and _number(self.t_max) and self.t_max >= self.t_min, "t_max must be >= t_min"),
             (_positive(self.confidence_threshold), "confidence_threshold must be a number > 0"),
             (isinstance(self.stability_threshold, int) and self.stability_threshold >= 0, "stability_threshold must be an integer >= 0"),
+            (isinstance(self.self_conditioning_top_k, int) and self.self_conditioning_top_k >= 0,
+             "self_conditioning_top_k must be an integer >= 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -9,7 +9,7 @@ and ``/v1/models``. A client that goes away stops its generation. The worker kee
 ``temperature`` maps onto DiffusionGemma's schedule: ``t_max = temperature`` and
 ``t_min = temperature / 2`` (the default 0.8 -> 0.4 shape); ``temperature = 0`` is
 near-greedy (1e-4). Model-specific extras may be passed in the body: ``steps``,
-``entropy_bound``, ``t_min``, ``t_max``, ``canvas_length``.
+``entropy_bound``, ``t_min``, ``t_max``, ``canvas_length``, ``self_conditioning_top_k``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .generate import GenerationResponse, PromptCache, check_request, prepare_pr
 from .model import Model
 
 GREEDY_TEMPERATURE = 1e-4
-EXTRA_SETTINGS = ("steps", "entropy_bound", "t_min", "t_max", "canvas_length")
+EXTRA_SETTINGS = ("steps", "entropy_bound", "t_min", "t_max", "canvas_length", "self_conditioning_top_k")
 
 
 class APIError(Exception):

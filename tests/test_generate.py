@@ -150,6 +150,7 @@ def test_checkpoint_generation_config_sets_defaults(loaded):
         (dict(entropy_bound=-1.0), "entropy_bound must be a number > 0"),
         (dict(prompt=""), "prompt is empty"),
         (dict(prompt=[5, 100000]), "outside the vocabulary"),
+        (dict(self_conditioning_top_k=-1), "self_conditioning_top_k must be an integer >= 0"),
     ],
 )
 def test_bad_input_is_a_clear_value_error(loaded, kwargs, message):
@@ -196,3 +197,28 @@ def test_short_final_canvas_denoises_only_the_tokens_still_wanted(loaded):
     assert runs[True][0][0] == 16 and runs[True][0][-1] == 5
     assert runs[True][1][0] == runs[False][1][0]
     assert [len(c) for c in runs[True][1]] == [16, 5]
+
+
+def test_top_k_self_conditioning_mixes_the_likely_tokens_with_their_exact_probabilities(loaded):
+    """Dropping only the least likely token moves the logits far less than keeping only two
+    (probabilities are not renormalized); k >= vocabulary is the reference's full softmax.
+    (The random model amplifies any change of its self-conditioning input, so the test
+    compares the two changes rather than a tolerance.)"""
+    import mlx.core as mx
+
+    from mlx_diffgemma.generate import prefill
+
+    model, tokenizer = loaded
+    model.set_dtype(mx.float32)
+    cache = model.make_cache()
+    prefill(model, mx.array([[2, 10, 11, 12, 13]]), cache)
+    canvas = mx.array([[20 + i for i in range(16)]])
+    first = model.denoise(canvas, cache)
+    dense = model.denoise(canvas, cache, first / 0.5)
+    vocab = first.shape[-1]
+    near = model.denoise(canvas, cache, first / 0.5, vocab - 1)
+    two = model.denoise(canvas, cache, first / 0.5, 2)
+    assert mx.abs(model.denoise(canvas, cache, first / 0.5, vocab) - dense).max().item() == 0
+    assert mx.abs(near - dense).mean().item() < 0.1 * mx.abs(two - dense).mean().item()
+    text = generate(model, tokenizer, PROMPT, 16, steps=3, seed=1, self_conditioning_top_k=4)
+    assert text != generate(model, tokenizer, PROMPT, 16, steps=3, seed=1)
