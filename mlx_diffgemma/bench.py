@@ -137,8 +137,7 @@ def run_bench(
     seed: int = 0,
 ) -> tuple[list[BenchRow], float]:
     """One row per prompt length, and the measured matmul peak (FLOP/s) in the model's dtype."""
-    dtype = model.model.decoder.norm.weight.dtype
-    peak = matmul_peak_flops(dtype)
+    peak = matmul_peak_flops(model.compute_dtype)
     return [bench_prompt(model, n, max_tokens, settings, eos_token_ids, peak, seed) for n in prompt_lengths], peak
 
 

@@ -96,17 +96,23 @@ def denoise_canvas(
     """Denoise one canvas; yields a draft per step, returns the argmax canvas and per-row passes."""
     shape = (batch_size, settings.canvas_length)
     canvas = noise.initial_canvas(index, shape)
-    argmax, logits, history = canvas, None, []
+    # What the next step self-conditions on: the previous step's logits, or, when the softmax
+    # the model would take of them is exactly the sampler's (float32, full softmax), the
+    # sampler's probabilities, so that the vocabulary is not exponentiated again.
+    reuse_probs = settings.self_conditioning_top_k == 0 and model.compute_dtype == mx.float32
+    argmax, sc, history = canvas, None, []
     done = mx.zeros((batch_size,), dtype=mx.bool_)
     passes = np.zeros(batch_size, dtype=np.int64)
     for step, remaining in enumerate(range(settings.steps, 0, -1)):
         stopped = np.array(done)
         passes += ~stopped
-        # Rows that already stopped keep their argmax, canvas and self-conditioning logits;
-        # when none has, the previous logits are released as soon as the forward has read them.
-        held = logits if stopped.any() else None
-        scaled = model.denoise(canvas, cache, logits, settings.self_conditioning_top_k) / temperature(remaining, settings)
-        logits = None
+        # Rows that already stopped keep their argmax, canvas and self-conditioning input;
+        # when none has, the previous input is released as soon as the forward has read it.
+        held = sc if stopped.any() else None
+        logits = model.denoise(canvas, cache, None if reuse_probs else sc, settings.self_conditioning_top_k,
+                               sc if reuse_probs else None)
+        scaled = logits / temperature(remaining, settings)
+        sc = logits = None
         new_argmax = scaled.argmax(axis=-1).astype(canvas.dtype)
         if held is not None:
             new_argmax = mx.where(done[:, None], argmax, new_argmax)
@@ -118,15 +124,16 @@ def denoise_canvas(
         uniform, noise_tokens = noise.step(index, step, shape)
         probs, token_entropy = distribution(scaled)
         new_canvas = renoise(sample(probs, uniform), accept(token_entropy, settings.entropy_bound), noise_tokens)
+        sc = probs if reuse_probs else scaled
         if held is not None:
             new_canvas = mx.where(done[:, None], canvas, new_canvas)
-            scaled = mx.where(done[:, None, None], held, scaled)
+            sc = mx.where(done[:, None, None], held, sc)
         confident = token_entropy.mean(axis=-1) < settings.confidence_threshold
         done = done | (is_stable(history, new_argmax, settings.stability_threshold) & confident)
         history = (history + [new_argmax])[-settings.stability_threshold :] if settings.stability_threshold else []
-        canvas, argmax, logits = new_canvas, new_argmax, scaled
+        canvas, argmax = new_canvas, new_argmax
         del held, probs, scaled
-        mx.eval(canvas, argmax, logits, done)
+        mx.eval(canvas, argmax, sc, done)
         yield Draft(step=step + 1, tokens=argmax)
         if done.all().item():
             break

@@ -450,28 +450,38 @@ class Model(nn.Module):
         cache.layers[-1].extend(keys, values, store=True)
         cache.offset += input_ids.shape[1]
 
+    @property
+    def compute_dtype(self) -> mx.Dtype:
+        """The dtype of hidden states (the embedding's, or its scales' when quantized)."""
+        return self.model.decoder.norm.weight.dtype
+
     def denoise(
         self, canvas_ids: mx.array, cache: DiffusionCache, self_conditioning_logits: mx.array | None = None,
-        self_conditioning_top_k: int = 0,
+        self_conditioning_top_k: int = 0, self_conditioning_probs: mx.array | None = None,
     ) -> mx.array:
         """Float32 logits ``[B, C, V]`` for a canvas ``[B, C]`` placed right after the cached prefix.
 
         ``self_conditioning_logits`` are the previous step's processed logits (``None`` on the
         first step). With ``self_conditioning_top_k``, only each position's k most likely tokens
-        are mixed (``T*k`` embedding rows instead of a ``T*V`` product). The cache is read, never changed.
+        are mixed (``T*k`` embedding rows instead of a ``T*V`` product). ``self_conditioning_probs``
+        may replace the logits with their softmax when the caller already has it. The cache is
+        read, never changed.
         """
         decoder = self.model.decoder
         h = self._embed(canvas_ids)
-        soft = None
-        if self_conditioning_logits is not None:
+        soft, probs = None, self_conditioning_probs
+        if probs is None and self_conditioning_logits is not None:
             # As the reference: logits cast to the embedding dtype, softmax in float32.
             logits = self_conditioning_logits.astype(h.dtype).astype(mx.float32)
             if 0 < self_conditioning_top_k < logits.shape[-1]:
                 top = mx.argpartition(logits, -self_conditioning_top_k, axis=-1)[..., -self_conditioning_top_k:]
-                probs = mx.exp(mx.take_along_axis(logits, top, axis=-1) - mx.logsumexp(logits, axis=-1, keepdims=True))
-                soft = (probs.astype(h.dtype)[..., None, :] @ decoder.embed_tokens(top))[..., 0, :]
+                weights = mx.exp(mx.take_along_axis(logits, top, axis=-1) - mx.logsumexp(logits, axis=-1, keepdims=True))
+                soft = (weights.astype(h.dtype)[..., None, :] @ decoder.embed_tokens(top))[..., 0, :]
             else:
-                soft = embedding_product(decoder.embed_tokens, mx.softmax(logits, axis=-1).astype(h.dtype))
+                probs = mx.softmax(logits, axis=-1)
+        if probs is not None:
+            soft = embedding_product(decoder.embed_tokens, probs.astype(h.dtype))
+        if soft is not None:
             soft = soft * mx.array(self.args.hidden_size**0.5, dtype=h.dtype)
         h = decoder.self_conditioning(h, soft)
         scalars = [layer.layer_scalar for layer in self.layers]
