@@ -14,8 +14,9 @@ Every rank holds a slice and runs the same program on the same tokens:
 * the self-conditioning MLP is split like the dense MLP; norms and the router are replicated.
 
 Loading with a group (``utils.load_model``) builds the model, shards it, then reads each
-tensor and keeps only this rank's slice, so a rank's peak memory is its share plus one tensor. ``Lockstep`` lets
-rank 0 take requests (chat, the server) while the other ranks follow it.
+tensor and keeps only this rank's slice, so a rank's peak memory is its share plus one
+tensor. ``Lockstep`` lets rank 0 take requests (chat, the server) while the other ranks
+follow it.
 """
 
 from __future__ import annotations
@@ -178,8 +179,8 @@ class Lockstep:
     def _agree(self, model: Model, prompt_cache: PromptCache) -> None:
         """Every rank's prompt cache must reuse the same prefix; if any differs (rank 0 reset
         its conversation), all start afresh."""
-        state = [prompt_cache.tokens, prompt_cache.snapshot and prompt_cache.snapshot[0],
-                 prompt_cache.cache and prompt_cache.cache.offset]
+        snapshot, cache = prompt_cache.snapshot, prompt_cache.cache
+        state = [prompt_cache.tokens, snapshot[0] if snapshot else None, cache.offset if cache is not None else None]
         digest = zlib.crc32(json.dumps(state).encode()) & 0x7FFFFFFF
         digests = mx.distributed.all_gather(mx.array([digest], dtype=mx.int32), group=self.group)
         if len(set(digests.tolist())) > 1:
@@ -203,8 +204,9 @@ class Lockstep:
         """Rank 0's ``stream_generate``: the same arguments (token ids, a prompt cache)."""
         if options.get("seed") is None:
             options["seed"] = random.randrange(2**31)
-        self._broadcast({"ids": list(prompt), "options": options})
-        yield from self._run(model, tokenizer, {"ids": list(prompt), "options": options}, prompt_cache)
+        request = {"ids": list(prompt), "options": options}
+        self._broadcast(request)
+        yield from self._run(model, tokenizer, request, prompt_cache)
 
     def follow(self, model: Model, tokenizer) -> None:
         """The other ranks: run rank 0's requests until it shuts down.

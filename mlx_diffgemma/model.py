@@ -452,7 +452,7 @@ class Model(nn.Module):
 
     @property
     def compute_dtype(self) -> mx.Dtype:
-        """The dtype of hidden states (the embedding's, or its scales' when quantized)."""
+        """The dtype hidden states run in (the norms are kept in it, as the embedding is)."""
         return self.model.decoder.norm.weight.dtype
 
     def denoise(
