@@ -61,7 +61,7 @@ def lead_or_follow(model_obj, tokenizer):
     rank 0 gets the ``Lockstep`` to generate with. In one process: ``None``."""
     import mlx.core as mx
 
-    from mlx_diffgemma.distributed import Lockstep
+    from mlx_diffgemma.lockstep import Lockstep
 
     group = mx.distributed.init()
     if group.size() == 1:
@@ -265,8 +265,8 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
 ):
     """Convert a checkpoint to MLX format, optionally quantized, shard by shard."""
-    from convert import RecipeError
-    from convert import convert as run_convert
+    from mlx_diffgemma.convert import RecipeError
+    from mlx_diffgemma.convert import convert as run_convert
 
     try:
         out = run_convert(hf_path, mlx_path, dtype=dtype, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,

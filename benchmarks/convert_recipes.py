@@ -48,7 +48,7 @@ def run_child(task: str, args: list[str]) -> None:
     import mlx.core as mx
     import numpy as np
 
-    from convert import convert
+    from mlx_diffgemma.convert import convert
     from mlx_diffgemma.utils import load_model
 
     base = high_water_mib()  # after the imports: what the conversion itself adds
@@ -85,7 +85,7 @@ def real_sizes() -> dict[str, float]:
     scale and one bias in bfloat16 per group)."""
     from mlx.utils import tree_flatten
 
-    from convert.recipes import make_predicate
+    from mlx_diffgemma.convert.recipes import make_predicate
     from mlx_diffgemma.model import Model, ModelArgs
 
     config = {"model_type": "diffusion_gemma", "text_config": {**REAL_TEXT_CONFIG}}

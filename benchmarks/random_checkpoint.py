@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from convert.converter import ShardWriter
+from mlx_diffgemma.convert.converter import ShardWriter
 from mlx_diffgemma.model import Model, ModelArgs
 
 MID_SIZE = dict(

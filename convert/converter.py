@@ -26,7 +26,9 @@ from mlx_diffgemma.utils import (
     CheckpointError,
     get_model_path,
     load_config,
+    load_safetensors,
     quantization_config,
+    replace_folder,
     weight_files,
 )
 
@@ -87,7 +89,7 @@ def convert_tensors(
     seen: set[str] = set()
     chosen: dict[str, Params] = {}
     for file in files:
-        tensors = model.sanitize(mx.load(str(file)))
+        tensors = model.sanitize(load_safetensors(file))
         for name, value in tensors.items():
             if name not in expected:
                 raise CheckpointError(f"{file.name}: unexpected tensor {name}")
@@ -200,7 +202,7 @@ def convert(
     try:
         writer = ShardWriter(staging, max_shard_bytes)
         # Loading is lazy: this reads only the headers.
-        sizes = [v.nbytes for f in files for v in model.sanitize(mx.load(str(f))).values()]
+        sizes = [v.nbytes for f in files for v in model.sanitize(load_safetensors(f)).values()]
         chosen: dict[str, Params] = {}
         with progress_bar(progress, sum(sizes), len(sizes)) as advance:
             for done, chosen in convert_tensors(files, model, DTYPES[dtype], predicate, writer):
@@ -216,21 +218,11 @@ def convert(
             if (source / name).is_file():
                 shutil.copy(source / name, staging / name)
         (staging / "README.md").write_text(model_card(str(hf_path), dtype, quantization, recipe, size))
-        _move_into_place(staging, out)
+        replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old)
-    else:
-        staging.rename(out)
 
 
 @contextmanager

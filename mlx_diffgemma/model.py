@@ -490,12 +490,6 @@ class Model(nn.Module):
         cap = self.args.final_logit_softcapping
         return softcap(logits, cap) if cap else logits
 
-    def shard(self, group: mx.distributed.Group | None = None) -> None:
-        """Split the model across ``group`` (tensor- and expert-parallel); see ``distributed.py``."""
-        from .distributed import shard
-
-        shard(self, group or mx.distributed.init())
-
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map checkpoint keys (HF or MLX layout) onto this module tree."""
         out = {}

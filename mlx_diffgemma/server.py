@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .chat import split_reply
-from .distributed import Lockstep
+from .lockstep import Lockstep
 from .generate import GenerationResponse, PromptCache, check_request, prepare_prompt, resolve_settings, stream_generate
 from .model import Model
 

@@ -39,19 +39,13 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.tuner.lora import LoRALinear
-from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import save_model
 
+from .adapters import ADAPTER_CONFIG, ADAPTER_FILE, LORA_KEYS, apply_lora
 from .model import Model
 from .sampler import DiffusionSettings
-from .utils import TOKENIZER_FILES, CheckpointError, load_config, read_weights
+from .utils import TOKENIZER_FILES, CheckpointError, load_config, load_safetensors, read_json, read_weights, replace_folder
 
-LORA_KEYS = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)
-ADAPTER_FILE, ADAPTER_CONFIG = "adapters.safetensors", "adapter_config.json"
 STATE_FILE, OPTIMIZER_FILE = "training_state.json", "optimizer.safetensors"
 
 
@@ -228,40 +222,21 @@ def lora_config(args: TrainingArgs) -> dict[str, Any]:
     return {"rank": args.lora_rank, "scale": args.lora_scale, "dropout": 0.0, "keys": list(LORA_KEYS)}
 
 
-def apply_lora(model: Model, num_layers: int, parameters: dict[str, Any]) -> None:
-    """Freeze the model and put LoRA adapters on the attention and dense-MLP projections.
-
-    The routed experts keep their weights: their CPU path reads them directly.
-    """
-    model.freeze()
-    linear_to_lora_layers(model, len(model.layers) if num_layers < 0 else num_layers, parameters)
-
-
-def load_adapters(model: Model, adapter_path: Path, fuse: bool = False) -> None:
-    """Apply adapters saved by ``train`` (``fuse`` folds them into the weights)."""
-    config_file = adapter_path / ADAPTER_CONFIG
-    if not config_file.is_file() or not (adapter_path / ADAPTER_FILE).is_file():
-        raise CheckpointError(f"{adapter_path} has no adapters ({ADAPTER_CONFIG} and {ADAPTER_FILE})")
-    config = json.loads(config_file.read_text())
-    apply_lora(model, config["num_layers"], config["lora_parameters"])
-    weights = mx.load(str(adapter_path / ADAPTER_FILE))
-    expected = dict(tree_flatten(model.trainable_parameters()))
-    if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
-        raise CheckpointError(f"the adapters in {adapter_path} do not fit this model")
-    model.load_weights(list(weights.items()), strict=False)
-    mx.eval(model.parameters())
-    if fuse:
-        fused = [(name, m.fuse()) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
-        model.update_modules(tree_unflatten(fused))
-    model.unfreeze()
-    model.eval()
-
-
 def save_checkpoint(model: Model, base: Path, out: Path, args: TrainingArgs, step: int, optimizer: optim.Optimizer, history: list[dict]) -> None:
     """Write what a run needs to be used (a model folder, or adapters) and resumed, atomically."""
     staging = out.parent / f".{out.name}.saving"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    try:
+        _write_checkpoint(model, base, staging, args, step, optimizer, history)
+        replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_checkpoint(model: Model, base: Path, staging: Path, args: TrainingArgs, step: int,
+                      optimizer: optim.Optimizer, history: list[dict]) -> None:
     if args.lora:
         mx.save_safetensors(str(staging / ADAPTER_FILE), dict(tree_flatten(model.trainable_parameters())))
         layers = len(model.layers) if args.lora_layers < 0 else args.lora_layers
@@ -276,9 +251,6 @@ def save_checkpoint(model: Model, base: Path, out: Path, args: TrainingArgs, ste
     mx.save_safetensors(str(staging / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
     state = {"step": step, "args": asdict(args), "history": history}
     (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
 
 
 # ---------------------------------------------------------------- the loop
@@ -376,12 +348,12 @@ def _restore(model: Model, optimizer: optim.Optimizer, out: Path, args: Training
     state_file = out / STATE_FILE
     if not state_file.is_file():
         raise CheckpointError(f"nothing to resume: {out} has no {STATE_FILE}")
-    state = json.loads(state_file.read_text())
+    state = read_json(state_file)
     if bool(state["args"].get("lora")) != args.lora:
         raise CheckpointError(f"{out} was trained {'with' if state['args'].get('lora') else 'without'} --lora")
-    weights = mx.load(str(out / ADAPTER_FILE)) if args.lora else read_weights(out)
+    weights = load_safetensors(out / ADAPTER_FILE) if args.lora else read_weights(out)
     model.load_weights(list(weights.items()), strict=False)
     optimizer.init(model.trainable_parameters())
-    optimizer.state = tree_unflatten(list(mx.load(str(out / OPTIMIZER_FILE)).items()))
+    optimizer.state = tree_unflatten(list(load_safetensors(out / OPTIMIZER_FILE).items()))
     mx.eval(model.parameters(), optimizer.state)
     return state["step"], state.get("history", [])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer_wrapper
 
+from .adapters import ADAPTER_CONFIG, ADAPTER_FILE, apply_lora, fuse_lora
+from .distributed import shard
 from .model import ConfigError, Model, ModelArgs
 from .sampler import DiffusionSettings
 
@@ -52,17 +56,17 @@ def load_config(model_path: Path) -> dict[str, Any]:
     config_file = model_path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{model_path} has no config.json: not a model folder")
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
+    return read_json(config_file)
 
 
 def weight_files(model_path: Path) -> list[Path]:
     """The safetensors shards, checked against the index when there is one."""
     index_file = model_path / INDEX_FILE
     if index_file.is_file():
-        names = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        weight_map = read_json(index_file).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_file} is malformed: it needs a 'weight_map' of tensor names to shard files")
+        names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (model_path / n).is_file()]
         if missing:
             raise CheckpointError(f"missing shard(s) listed in {INDEX_FILE}: {', '.join(missing)}")
@@ -71,6 +75,46 @@ def weight_files(model_path: Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"no model*.safetensors files in {model_path}")
     return files
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a checkpoint file, or a ``CheckpointError`` naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the file may be damaged: download it again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is malformed: expected a JSON object")
+    return data
+
+
+def load_safetensors(path: Path) -> dict[str, mx.array]:
+    """The tensors of one file, read lazily; a truncated or damaged file is a ``CheckpointError``."""
+    try:
+        return mx.load(str(path))
+    except (RuntimeError, ValueError) as e:
+        reason = str(e).split("] ", 1)[-1]  # MLX prefixes its messages with the function name
+        raise CheckpointError(f"cannot read {path}: {reason}") from None
+
+
+def replace_folder(staging: Path, out: Path) -> None:
+    """Move a finished ``staging`` folder to ``out``, replacing what was there.
+
+    The old folder is moved aside first and deleted only once the new one is in place; if
+    anything (Ctrl-C included) interrupts the swap, the old folder is put back whole.
+    """
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    try:
+        staging.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def quantization_config(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -119,7 +163,7 @@ def read_weights(model_path: Path) -> dict[str, mx.array]:
     """Every tensor of a checkpoint folder, lazily (``mx.load`` reads a tensor when it is used)."""
     weights: dict[str, mx.array] = {}
     for file in weight_files(model_path):
-        weights.update(mx.load(str(file)))
+        weights.update(load_safetensors(file))
     return weights
 
 
@@ -138,7 +182,7 @@ def load_model(model_path: Path, dtype: mx.Dtype | None = None, group: mx.distri
     model.load_weights(list(weights.items()), strict=True)
     del weights
     if group is not None and group.size() > 1:
-        model.shard(group)
+        shard(model, group)
         for _, value in tree_flatten(model.parameters()):
             mx.eval(value)
     model.generation_defaults = DiffusionSettings.from_generation_config(load_generation_config(model_path))
@@ -154,7 +198,7 @@ def load_model(model_path: Path, dtype: mx.Dtype | None = None, group: mx.distri
 
 def load_generation_config(model_path: Path) -> dict[str, Any]:
     gen_file = model_path / "generation_config.json"
-    return json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    return read_json(gen_file) if gen_file.is_file() else {}
 
 
 def eos_token_ids(model_path: Path, args: ModelArgs) -> list[int]:
@@ -168,7 +212,43 @@ def eos_token_ids(model_path: Path, args: ModelArgs) -> list[int]:
 def load_tokenizer(model_path: Path, args: ModelArgs) -> TokenizerWrapper:
     if not any((model_path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise CheckpointError(f"{model_path} has no tokenizer (tokenizer.json or tokenizer.model)")
-    return load_tokenizer_wrapper(model_path, eos_token_ids=eos_token_ids(model_path, args))
+    eos = eos_token_ids(model_path, args)
+    try:
+        return load_tokenizer_wrapper(model_path, eos_token_ids=eos)
+    except Exception as e:  # tokenizers and sentencepiece raise their own types on damaged files
+        raise CheckpointError(f"cannot read the tokenizer in {model_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def load_adapters(model: Model, adapter_path: Path, fuse: bool = False) -> None:
+    """Apply adapters saved by ``finetune --lora`` (``fuse`` folds them into the weights)."""
+    config = read_adapter_config(adapter_path)
+    if not (adapter_path / ADAPTER_FILE).is_file():
+        raise CheckpointError(f"{adapter_path} has no adapters ({ADAPTER_CONFIG} and {ADAPTER_FILE})")
+    apply_lora(model, config["num_layers"], config["lora_parameters"])
+    weights = load_safetensors(adapter_path / ADAPTER_FILE)
+    expected = dict(tree_flatten(model.trainable_parameters()))
+    if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
+        raise CheckpointError(f"the adapters in {adapter_path} do not fit this model")
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
+    if fuse:
+        fuse_lora(model)
+    model.unfreeze()
+    model.eval()
+
+
+def read_adapter_config(adapter_path: Path) -> dict[str, Any]:
+    """The ``adapter_config.json`` that ``finetune --lora`` writes beside its adapters."""
+    config_file = Path(adapter_path) / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise CheckpointError(f"{adapter_path} has no adapters ({ADAPTER_CONFIG} and {ADAPTER_FILE})")
+    try:
+        config = json.loads(config_file.read_text())
+        if not isinstance(config, dict) or "num_layers" not in config or "lora_parameters" not in config:
+            raise ValueError("it lacks num_layers or lora_parameters")
+    except ValueError as e:
+        raise CheckpointError(f"{config_file} is not a valid adapter config: {e}") from None
+    return config
 
 
 def load(
@@ -190,8 +270,6 @@ def load(
         raise ValueError("adapters cannot be applied to a sharded model; fuse them first (load(..., fuse=True) and save)")
     model = load_model(model_path, dtype, group)
     if adapter_path is not None:
-        from .train import load_adapters
-
         load_adapters(model, Path(adapter_path), fuse=fuse)
     return model, load_tokenizer(model_path, model.args)
 

@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from mlx_diffgemma import load, stream_generate
 from mlx_diffgemma.chat import ChatSession
-from mlx_diffgemma.distributed import Lockstep
+from mlx_diffgemma.lockstep import Lockstep
 
 group = mx.distributed.init()
 model, tokenizer = load(sys.argv[1], dtype=mx.float64, group=group)  # float64: tokens comparable across ranks

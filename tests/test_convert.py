@@ -10,8 +10,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from convert import RecipeError, convert
-from convert.converter import ShardWriter
+from mlx_diffgemma.convert import RecipeError, convert
+from mlx_diffgemma.convert.converter import ShardWriter
 from mlx_diffgemma import load
 from mlx_diffgemma.utils import CheckpointError, ConfigError, load_model
 

@@ -14,7 +14,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_diffgemma import sudoku
-from mlx_diffgemma.distributed import _kv_range
+from mlx_diffgemma.distributed import _kv_range, shard
 from mlx_diffgemma.utils import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def test_two_ranks_match_one_process_on_quantized_weights(tokenizer_dir, vocab_s
     """8-bit embeddings and attention, computed in float32: sharding the packed weights, scales
     and biases must not change the logits beyond float32 rounding. (Head size 32, so that each
     rank's half of the output projection's inputs fills whole groups of 64.)"""
-    from convert import convert
+    from mlx_diffgemma.convert import convert
     from helpers import build_reference_model, save_checkpoint
 
     source = save_checkpoint(build_reference_model(vocab_size, head_dim=32, global_head_dim=32), tokenizer_dir, tmp_path / "hf")
@@ -168,9 +168,7 @@ def test_each_rank_keeps_the_kv_heads_its_queries_read(heads, kv_heads, n, expec
 
 
 def test_quantized_layers_that_cannot_split_on_group_boundaries_are_refused(hf_checkpoint, tmp_path):
-    from convert import convert
-
-    from mlx_diffgemma.distributed import shard
+    from mlx_diffgemma.convert import convert
 
     class TwoRanks:  # shard() checks before it sends anything
         def size(self):
@@ -187,5 +185,5 @@ def test_quantized_layers_that_cannot_split_on_group_boundaries_are_refused(hf_c
 def test_one_rank_group_leaves_the_model_whole(hf_checkpoint):
     model = load_model(hf_checkpoint)
     before = model.model.decoder.embed_tokens.weight.shape
-    model.shard(mx.distributed.init())  # a single process: a group of one
+    shard(model, mx.distributed.init())  # a single process: a group of one
     assert model.model.decoder.embed_tokens.weight.shape == before

@@ -6,7 +6,7 @@ import random
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from mlx_diffgemma.command.cli import app
 from mlx_diffgemma import sudoku
 
 SHIPPED = (sudoku.MODEL_DIR / "config.json").is_file()

@@ -7,18 +7,17 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from mlx_diffgemma.command.cli import app
 from mlx_diffgemma import load, sudoku
 from mlx_diffgemma.train import (
     Example,
     TrainingArgs,
     corrupt,
     diffusion_loss,
-    load_adapters,
     make_batch,
     train,
 )
-from mlx_diffgemma.utils import CheckpointError, load_model
+from mlx_diffgemma.utils import CheckpointError, load_adapters, load_model
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
             head_dim=16, global_head_dim=16, num_global_key_value_heads=2, num_experts=4, top_k_experts=2,
