@@ -244,6 +244,12 @@ def prepare_prompt(tokenizer, prompt: Prompt) -> list[int]:
     raise ValueError("prompt must be a string, a list of token ids, or a list of chat messages")
 
 
+def fitting_tokens(model: Model, prompt_tokens: int, canvas: int) -> int:
+    """The most new tokens that fit the context after a prompt: whole canvases only, since
+    every canvas occupies its full length in the cache whatever is kept of it."""
+    return max(0, (model.args.max_position_embeddings - prompt_tokens) // canvas * canvas)
+
+
 def check_request(model: Model, prompts: list[list[int]], max_tokens: int, canvas: int) -> None:
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive integer (got {max_tokens!r})")

@@ -95,8 +95,14 @@ def distribution(logits: mx.array) -> tuple[mx.array, mx.array]:
 
 
 def sample(probs: mx.array, uniform: mx.array) -> mx.array:
-    """Categorical samples by inverse CDF: one uniform number per position, not one per token."""
-    index = (mx.cumsum(probs, axis=-1) < uniform[..., None]).sum(axis=-1)
+    """Categorical samples by inverse CDF: one uniform number per position, not one per token.
+
+    The uniform number is scaled by the row's own total: a float32 cumsum over a large
+    vocabulary ends a little off 1 (MLX's CPU scan over 262,144 values: 0.99998 to 1.00002),
+    and a shortfall would otherwise send that fraction of draws to the last token id.
+    """
+    cdf = mx.cumsum(probs, axis=-1)
+    index = (cdf < (uniform * cdf[..., -1])[..., None]).sum(axis=-1)
     return mx.minimum(index, probs.shape[-1] - 1).astype(mx.int32)
 
 

@@ -55,6 +55,18 @@ def test_inverse_cdf_sampling():
     assert picks == [0, 1, 1, 2, 2, 2]
 
 
+def test_inverse_cdf_draws_follow_the_probabilities_when_the_total_falls_short_of_one():
+    # A row whose float32 total ends below 1 (as a long cumsum can): the shortfall must not
+    # go to the last token id. Here the total is 0.9, so 10% of draws would land on id 3.
+    probs = mx.array([0.45, 0.27, 0.18, 0.0])
+    n = 200_000
+    uniform = mx.random.uniform(shape=(n,), key=mx.random.key(0))
+    picks = np.array(sample(mx.broadcast_to(probs, (n, 4)), uniform))
+    freq = np.bincount(picks, minlength=4) / n
+    assert freq[3] == 0.0
+    assert np.allclose(freq, np.array(probs) / 0.9, atol=0.005)
+
+
 def test_renoise_replaces_only_rejected_positions():
     out = renoise(mx.array([5, 6, 7]), mx.array([True, False, True]), mx.array([1, 2, 3]))
     assert out.tolist() == [5, 2, 7]
