@@ -129,3 +129,4 @@ def shard(model: Model, group: mx.distributed.Group) -> None:
     sc.up_proj = shard_linear(sc.up_proj, "all-to-sharded", group=group)
     sc.down_proj = shard_linear(sc.down_proj, "sharded-to-all", group=group)
     decoder.embed_tokens = ShardedEmbedding(decoder.embed_tokens, group)
+    model.group = group

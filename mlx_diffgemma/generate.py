@@ -38,29 +38,48 @@ class Noise(Protocol):
 
 
 class SeededNoise:
-    """Noise from MLX's counter-based generator; every row of a batch gets the same stream."""
+    """Noise from MLX's counter-based generator. Row ``r`` of a batch draws from its own
+    stream, seeded with ``seed + r``: identical prompts in one batch get independent
+    samples (as the reference draws per row), and row ``r`` equals a run of its prompt
+    alone with seed ``seed + r``."""
 
     def __init__(self, vocab_size: int, seed: int | None = None):
         self.vocab_size = vocab_size
-        self.key = mx.random.key(seed if seed is not None else int(time.time_ns() % 2**31))
-        self._canvas_keys: tuple[int, mx.array] | None = None
+        self.seed = seed if seed is not None else random_seed()
+        self._canvas_keys: tuple[int, list[mx.array]] | None = None
 
-    def _keys(self, canvas: int) -> mx.array:
-        if self._canvas_keys is None or self._canvas_keys[0] != canvas:
-            canvas_key = mx.random.split(self.key, canvas + 1)[canvas]
-            self._canvas_keys = (canvas, canvas_key)
-        return self._canvas_keys[1]
-
-    def _tokens(self, key: mx.array, shape) -> mx.array:
-        return mx.broadcast_to(mx.random.randint(0, self.vocab_size, shape[-1:], key=key), shape)
+    def _keys(self, canvas: int, rows: int) -> list[mx.array]:
+        """Per row, the key of one canvas."""
+        if self._canvas_keys is None or self._canvas_keys[0] != canvas or len(self._canvas_keys[1]) < rows:
+            keys = [mx.random.split(mx.random.key(self.seed + r), canvas + 1)[canvas] for r in range(rows)]
+            self._canvas_keys = (canvas, keys)
+        return self._canvas_keys[1][:rows]
 
     def initial_canvas(self, canvas: int, shape) -> mx.array:
-        return self._tokens(mx.random.split(self._keys(canvas), 1)[0], shape)
+        keys = self._keys(canvas, shape[0])
+        return mx.stack([mx.random.randint(0, self.vocab_size, shape[1:], key=mx.random.split(k, 1)[0]) for k in keys])
 
     def step(self, canvas: int, step: int, shape) -> tuple[mx.array, mx.array]:
-        uniform_key, token_key = mx.random.split(mx.random.split(self._keys(canvas), step + 2)[step + 1], 2)
-        uniform = mx.broadcast_to(mx.random.uniform(shape=shape[-1:], key=uniform_key), shape)
-        return uniform, self._tokens(token_key, shape)
+        uniform, tokens = [], []
+        for key in self._keys(canvas, shape[0]):
+            uniform_key, token_key = mx.random.split(mx.random.split(key, step + 2)[step + 1], 2)
+            uniform.append(mx.random.uniform(shape=shape[1:], key=uniform_key))
+            tokens.append(mx.random.randint(0, self.vocab_size, shape[1:], key=token_key))
+        return mx.stack(uniform), mx.stack(tokens)
+
+
+def random_seed() -> int:
+    return int(time.time_ns() % 2**31)
+
+
+def shared_seed(model: Model, seed: int | None) -> int:
+    """``seed``, or a fresh one; on a sharded model, rank 0's choice on every rank, since
+    ranks that denoise different canvases would silently mix halves of two."""
+    group = model.group
+    if seed is not None or group is None or group.size() == 1:
+        return seed if seed is not None else random_seed()
+    mine = mx.array(random_seed() if group.rank() == 0 else 0, dtype=mx.int32)
+    return int(mx.distributed.all_sum(mine, group=group).item())
 
 
 @dataclass
@@ -230,6 +249,7 @@ class GenerationResponse:
     tokens_per_forward: float = 0.0
     peak_memory: float = 0.0  # GB
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", or None while running
+    index: int = 0  # the row of a batch this response belongs to
 
 
 def prepare_prompt(tokenizer, prompt: Prompt) -> list[int]:
@@ -298,6 +318,17 @@ class PromptCache:
     def remember_prompt(self, ids: list[int]) -> None:
         self.snapshot = (list(ids), self.cache.copy())
 
+    def keep(self, ids: list[int]) -> None:
+        """After a reply: the cache holds a prefix of ``ids`` (prompt and kept reply). If it
+        holds more (the reply was cut at a stop string inside an encoded canvas), only the
+        prompt snapshot is kept."""
+        if self.cache is None or not self.cache.offset:
+            return
+        if self.cache.offset <= len(ids):
+            self.tokens = ids[: self.cache.offset]
+        else:
+            self.cache, self.tokens = None, []
+
     def reset(self, model: Model) -> None:
         self.cache, self.tokens, self.snapshot = model.make_cache(), [], None
 
@@ -307,72 +338,107 @@ def _extends(ids: list[int], prefix: list[int]) -> bool:
     return 0 < len(prefix) < len(ids) and ids[: len(prefix)] == prefix
 
 
-def _trim_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+class ReplyText:
+    """One row's committed tokens and the text released from them.
+
+    What is released always decodes from exactly the tokens released: text is held back
+    while it may be an incomplete character or the start of a stop string, and a reply cut
+    at a stop string keeps only the tokens before it, so ids, counts and text agree.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, list(stop)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.tokens: list[int] = []
+        self.released, self.text = 0, ""  # tokens released, and their text
+
+    def add(self, new_tokens: list[int], finished: bool) -> tuple[str, list[int], bool]:
+        """Commit ``new_tokens``; return the text and tokens now released and whether a stop string ended the reply."""
+        self.tokens += new_tokens
+        full = self.tokenizer.decode(self.tokens)
+        cut = min((i for i in (full.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.tokens = self.tokens[: self._last_fitting(full, cut)]
+            end = len(self.tokens)
+        elif finished:
+            end = len(self.tokens)
+        else:
+            end = self._last_fitting(full, len(full.rstrip("\ufffd")) - self.hold)
+        text = self.tokenizer.decode(self.tokens[:end])
+        delta_text, delta_tokens = text[len(self.text):], self.tokens[self.released:end]
+        self.released, self.text = end, text
+        return delta_text, delta_tokens, cut >= 0
+
+    def _last_fitting(self, full: str, limit: int) -> int:
+        """The most tokens whose text is a complete prefix of ``full`` no longer than ``limit``."""
+        def fits(k: int) -> bool:
+            text = self.tokenizer.decode(self.tokens[:k])
+            return len(text) <= limit and not text.endswith("\ufffd") and full.startswith(text)
+
+        lo, hi = self.released, len(self.tokens)
+        while lo < hi:  # text length grows with k, except inside a multi-byte character
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if len(self.tokenizer.decode(self.tokens[:mid])) <= limit else (lo, mid - 1)
+        while lo > self.released and not fits(lo):
+            lo -= 1
+        return lo
 
 
-def stream_generate(
+def stream_batch_generate(
     model: Model,
     tokenizer,
-    prompt: Prompt,
+    prompts: Sequence[Prompt],
     max_tokens: int = 256,
     *,
-    steps: int | None = None,
-    entropy_bound: float | None = None,
-    t_min: float | None = None,
-    t_max: float | None = None,
-    confidence_threshold: float | None = None,
-    stability_threshold: int | None = None,
-    canvas_length: int | None = None,
-    short_final_canvas: bool | None = None,
-    self_conditioning_top_k: int | None = None,
     seed: int | None = None,
-    stop: Sequence[str] = (),
+    stop: Sequence[str] | str = (),
     draft: bool = False,
     noise: Noise | None = None,
     prompt_cache: PromptCache | None = None,
+    **settings: Any,
 ) -> Iterator[GenerationResponse]:
-    """Stream a reply canvas by canvas; with ``draft``, also each denoising step's draft.
+    """Stream replies to several prompts at once; each response's ``index`` names its row.
 
-    Denoising settings left as ``None`` come from the checkpoint's generation config, else
-    the reference defaults (``DiffusionSettings``). ``seed`` makes the output reproducible;
-    ``noise`` replaces the seeded randomness altogether (tests pin it to compare with the
-    reference implementation). With ``prompt_cache``, a prompt that extends the cached
-    tokens (the next turn of a chat) encodes only what is new.
+    Row ``r`` draws its own noise from ``seed + r`` and equals the run of its prompt alone
+    with that seed. Per committed canvas, each row that has new text or has just finished
+    yields one response; with ``draft``, every denoising step yields each row's draft.
+    ``settings`` are ``DiffusionSettings`` fields (``steps``, ``entropy_bound``, ...); left
+    out or ``None``, they come from the checkpoint's generation config, else the reference
+    defaults. With ``prompt_cache`` (one prompt), a prompt that extends the cached tokens
+    (the next turn of a chat) encodes only what is new. ``noise`` replaces the seeded
+    randomness altogether (tests pin it to compare with the reference implementation).
     """
-    settings = resolve_settings(
-        model, steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
-        confidence_threshold=confidence_threshold, stability_threshold=stability_threshold,
-        canvas_length=canvas_length, short_final_canvas=short_final_canvas,
-        self_conditioning_top_k=self_conditioning_top_k,
-    )
-    ids = prepare_prompt(tokenizer, prompt)
-    check_request(model, [ids], max_tokens, settings.canvas_length)
-    if isinstance(stop, str):
-        stop = [stop]
-    noise = noise or SeededNoise(model.args.vocab_size, seed)
-    tokens: list[int] = []
-    text, sent, steps_per_canvas, passes, valid = "", 0, [], 0, 0
-    hold = max((len(s) for s in stop), default=1) - 1  # keep back what may start a stop string
-    to_encode = prompt_cache.prepare(model, ids) if prompt_cache is not None else ids
+    resolved = resolve_settings(model, **settings)
+    ids = [prepare_prompt(tokenizer, p) for p in prompts]
+    check_request(model, ids, max_tokens, resolved.canvas_length)
+    if prompt_cache is not None and len(ids) != 1:
+        raise ValueError("a prompt cache serves one prompt at a time")
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    noise = noise or SeededNoise(model.args.vocab_size, shared_seed(model, seed))
+    replies = [ReplyText(tokenizer, stop) for _ in ids]
+    steps_per_canvas: list[int] = []
+    passes, valid = [0] * len(ids), [0] * len(ids)
+    finished: list[str | None] = [None] * len(ids)
+    to_encode = prompt_cache.prepare(model, ids[0]) if prompt_cache is not None else None
+    encoded = [len(to_encode)] if to_encode is not None else [len(p) for p in ids]
     mx.reset_peak_memory()
     start = time.perf_counter()
     prompt_time = None
 
-    def response(delta: str, new_tokens=(), draft_text=None, step=None, reason=None) -> GenerationResponse:
+    def response(row: int, delta: str = "", new_tokens=(), draft_text=None, step=None) -> GenerationResponse:
         elapsed = time.perf_counter() - start - (prompt_time or 0.0)
+        count = len(replies[row].tokens)
         return GenerationResponse(
-            text=delta, tokens=list(new_tokens), draft=draft_text, step=step, prompt_tokens=len(ids),
-            prompt_tps=(len(to_encode)) / prompt_time if prompt_time else 0.0, cached_tokens=len(ids) - len(to_encode),
-            generation_tokens=len(tokens), generation_tps=len(tokens) / elapsed if elapsed > 0 else 0.0,
-            steps_per_canvas=list(steps_per_canvas), tokens_per_forward=valid / passes if passes else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=reason,
+            text=delta, tokens=list(new_tokens), draft=draft_text, step=step, prompt_tokens=len(ids[row]),
+            prompt_tps=sum(encoded) / prompt_time if prompt_time else 0.0, cached_tokens=len(ids[row]) - encoded[row],
+            generation_tokens=count, generation_tps=count / elapsed if elapsed > 0 else 0.0,
+            steps_per_canvas=list(steps_per_canvas), tokens_per_forward=valid[row] / passes[row] if passes[row] else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finished[row], index=row,
         )
 
     events = generate_step(
-        model, [to_encode], max_tokens=max_tokens, settings=settings, eos_token_ids=tokenizer.eos_token_ids,
-        noise=noise, pad_token_id=model.args.pad_token_id or 0,
+        model, [to_encode] if to_encode is not None else ids, max_tokens=max_tokens, settings=resolved,
+        eos_token_ids=tokenizer.eos_token_ids, noise=noise, pad_token_id=model.args.pad_token_id or 0,
         cache=prompt_cache.cache if prompt_cache is not None else None,
     )
     with wired_limit(model):
@@ -381,67 +447,53 @@ def stream_generate(
                 if isinstance(event, Prefilled):
                     prompt_time = time.perf_counter() - start
                     if prompt_cache is not None:
-                        prompt_cache.remember_prompt(ids)
+                        prompt_cache.remember_prompt(ids[0])
                     continue
                 if isinstance(event, Draft):
                     if draft:
-                        yield response("", (), tokenizer.decode(event.tokens[0].tolist()), event.step)
+                        for row in (r for r in range(len(ids)) if finished[r] is None):
+                            yield response(row, draft_text=tokenizer.decode(event.tokens[row].tolist()), step=event.step)
                     continue
-                committed = len(tokens)
-                tokens += event.tokens[0]
                 steps_per_canvas.append(event.steps)
-                passes += event.forward_passes[0]
-                valid += event.valid_tokens[0]
-                text, stopped = _trim_stop(tokenizer.decode(tokens), stop)
-                reason = "stop" if stopped else event.finish_reasons[0]
-                # Hold back an incomplete character and anything that may begin a stop string.
-                end = len(text) if reason else max(sent, len(text.rstrip("\ufffd")) - hold)
-                delta, sent = text[sent:end], max(sent, end)
-                if reason:
-                    yield response(delta, tokens[committed:], reason=reason)
+                for row in (r for r in range(len(ids)) if finished[r] is None):
+                    passes[row] += event.forward_passes[row]
+                    valid[row] += event.valid_tokens[row]
+                    delta, new, stopped = replies[row].add(event.tokens[row], event.finish_reasons[row] is not None)
+                    finished[row] = "stop" if stopped else event.finish_reasons[row]
+                    if delta or new or finished[row]:
+                        yield response(row, delta, new)
+                if all(finished):
                     return
-                yield response(delta, tokens[committed:])
         except (Exception, KeyboardInterrupt):
             if prompt_cache is not None:  # interrupted mid-computation: the cache may be half-written
                 prompt_cache.reset(model)
             raise
         finally:
-            if prompt_cache is not None and prompt_cache.cache.offset:
-                prompt_cache.tokens = (ids + tokens)[: prompt_cache.cache.offset]
+            if prompt_cache is not None:
+                prompt_cache.keep(ids[0] + replies[0].tokens)
             mx.clear_cache()
 
 
-def generate(model: Model, tokenizer, prompt: Prompt, max_tokens: int = 256, **kwargs) -> str:
+def stream_generate(model: Model, tokenizer, prompt: Prompt, max_tokens: int = 256, **kwargs: Any) -> Iterator[GenerationResponse]:
+    """Stream a reply canvas by canvas; with ``draft=True``, also each denoising step's draft.
+
+    Keyword arguments as ``stream_batch_generate``: ``seed``, ``stop``, ``draft``, ``noise``,
+    ``prompt_cache`` and the denoising settings.
+    """
+    return stream_batch_generate(model, tokenizer, [prompt], max_tokens, **kwargs)
+
+
+def generate(model: Model, tokenizer, prompt: Prompt, max_tokens: int = 256, **kwargs: Any) -> str:
     """The whole reply as a string; keyword arguments as ``stream_generate``."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs))
 
 
-def batch_generate(
-    model: Model,
-    tokenizer,
-    prompts: Sequence[Prompt],
-    max_tokens: int = 256,
-    *,
-    seed: int | None = None,
-    noise: Noise | None = None,
-    **settings: Any,
-) -> list[str]:
-    """Replies to several prompts at once; each row gets what it would get alone with the same seed.
+def batch_generate(model: Model, tokenizer, prompts: Sequence[Prompt], max_tokens: int = 256, **kwargs: Any) -> list[str]:
+    """Replies to several prompts at once; row ``r`` equals its prompt alone with seed ``seed + r``.
 
-    ``settings`` are ``DiffusionSettings`` fields (``steps``, ``entropy_bound``, ...).
+    Keyword arguments as ``stream_batch_generate``.
     """
-    ids = [prepare_prompt(tokenizer, p) for p in prompts]
-    resolved = resolve_settings(model, **settings)
-    check_request(model, ids, max_tokens, resolved.canvas_length)
-    tokens = [[] for _ in ids]
-    events = generate_step(
-        model, ids, max_tokens=max_tokens, settings=resolved,
-        eos_token_ids=tokenizer.eos_token_ids, noise=noise or SeededNoise(model.args.vocab_size, seed),
-        pad_token_id=model.args.pad_token_id or 0,
-    )
-    with wired_limit(model):
-        for event in events:
-            if isinstance(event, Canvas):
-                for row, new in enumerate(event.tokens):
-                    tokens[row] += new
-    return [tokenizer.decode(t) for t in tokens]
+    texts = [""] * len(prompts)
+    for response in stream_batch_generate(model, tokenizer, prompts, max_tokens, **kwargs):
+        texts[response.index] += response.text
+    return texts

@@ -415,6 +415,7 @@ class Model(nn.Module):
         self.model = Backbone(args)
         # Denoising settings named by the checkpoint's generation_config.json (set by the loader).
         self.generation_defaults: dict[str, Any] = {}
+        self.group: mx.distributed.Group | None = None  # the ranks it is split across (``distributed.shard``)
 
     @property
     def layers(self) -> list[TransformerBlock]:

@@ -67,6 +67,24 @@ def test_two_ranks_match_one_process_on_quantized_weights(tokenizer_dir, vocab_s
     assert result["ranks_agree"]
 
 
+def test_unseeded_sharded_generation_uses_rank_0s_seed_on_every_rank(hf_checkpoint):
+    """Without a seed, rank 0 draws one and shares it: both ranks denoise the same canvases,
+    and the output equals one process seeded with rank 0's draw."""
+    from mlx_diffgemma import load, stream_generate
+
+    cmd = [str(LAUNCHER), "-n", "2", "--backend", "ring", "--starting-port", str(free_port()), "--python",
+           sys.executable, str(ROOT / "tests" / "sharded_unseeded.py"), str(hf_checkpoint)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    ranks = {r["rank"]: r for r in (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))}
+    assert out.returncode == 0 and set(ranks) == {0, 1}, out.stdout + out.stderr
+    assert len(ranks[0]["drawn"]) == 1 and ranks[1]["drawn"] == []
+    assert ranks[0]["tokens"] == ranks[1]["tokens"]
+    model, tokenizer = load(hf_checkpoint)
+    alone = [t for r in stream_generate(model, tokenizer, [2, 10, 11, 12, 13], 32, steps=4, seed=ranks[0]["drawn"][0])
+             for t in r.tokens]
+    assert ranks[0]["tokens"] == alone
+
+
 @pytest.mark.skipif(not (sudoku.MODEL_DIR / "config.json").is_file(), reason="the built-in Sudoku model is not shipped")
 def test_two_ranks_generate_the_same_sudoku_solutions():
     result = launch(2, "--model", str(sudoku.MODEL_DIR), "--parity", "--sudoku", "--canvas-length", "16")

@@ -123,12 +123,99 @@ def test_prompt_as_text_ids_or_messages(loaded):
     assert isinstance(generate(model, tokenizer, "Hello world", 16, seed=10, **FAST), str)
 
 
-def test_batch_rows_match_each_prompt_alone(loaded):
+def test_batch_rows_match_each_prompt_alone_with_seed_plus_row(loaded):
     model, tokenizer = loaded
     prompts = [PROMPT, "The quick brown fox jumps over the lazy dog. Hello world, how are you today?"]
     batched = batch_generate(model, tokenizer, prompts, 40, seed=11, **FAST)
-    alone = [generate(model, tokenizer, p, 40, seed=11, **FAST) for p in prompts]
+    alone = [generate(model, tokenizer, p, 40, seed=11 + row, **FAST) for row, p in enumerate(prompts)]
     assert batched == alone
+
+
+def test_identical_prompts_in_one_batch_draw_their_own_samples(loaded):
+    model, tokenizer = loaded
+    rows = batch_generate(model, tokenizer, [PROMPT] * 3, 32, seed=5, **FAST)
+    assert len(set(rows)) == 3
+    assert rows[2] == generate(model, tokenizer, PROMPT, 32, seed=7, **FAST)
+
+
+def test_batch_stream_tags_each_response_with_its_row(loaded):
+    from mlx_diffgemma.generate import stream_batch_generate
+
+    model, tokenizer = loaded
+    responses = list(stream_batch_generate(model, tokenizer, [PROMPT, "Hello"], 32, seed=3, draft=True, **FAST))
+    assert {r.index for r in responses} == {0, 1}
+    for row in (0, 1):
+        final = [r for r in responses if r.index == row and r.draft is None]
+        assert final[-1].finish_reason in ("stop", "length")
+        assert final[-1].generation_tokens == sum(len(r.tokens) for r in final)
+
+
+def first_occurrence(text: str, lo: int, hi: int, past: int = 0) -> tuple[int, str] | None:
+    """A short piece of ``text`` starting in ``[lo, hi)`` and ending after ``past`` that occurs
+    there first (no broken characters)."""
+    for start in range(max(lo, 0), hi):
+        for length in range(max(3, past - start + 1), 12):
+            piece = text[start : start + length]
+            if len(piece) == length and "\ufffd" not in piece and text.find(piece) == start:
+                return start, piece
+    return None
+
+
+def reply_and_stop(loaded, where: str, max_tokens=48):
+    """A seed's reply without EOS (text and ids) and a stop string placed ``where``; canvases of 16."""
+    model, tokenizer = loaded
+    tokenizer.eos_token_ids = []
+    try:
+        for seed in range(20, 40):
+            tokens = [t for r in run(loaded, max_tokens=max_tokens, seed=seed) for t in r.tokens]
+            text, boundary = tokenizer.decode(tokens), len(tokenizer.decode(tokens[:16]))
+            if where == "inside a canvas":
+                found = first_occurrence(text, len(tokenizer.decode(tokens[:4])), boundary - 12)
+            else:  # starts in the first canvas's text, ends in the second's
+                found = first_occurrence(text, boundary - 4, boundary, past=boundary)
+            if found:
+                return seed, text, tokens, *found
+    finally:
+        tokenizer.eos_token_ids = [1, 106]
+    raise AssertionError(f"no seed gave a stop string {where}")
+
+
+def stopped_run(loaded, seed, stop, **kwargs):
+    model, tokenizer = loaded
+    tokenizer.eos_token_ids = []
+    try:
+        return run(loaded, max_tokens=48, seed=seed, stop=[stop], **kwargs)
+    finally:
+        tokenizer.eos_token_ids = [1, 106]
+
+
+@pytest.mark.parametrize("where", ["inside a canvas", "across two canvases"])
+def test_a_stop_string_ends_text_tokens_and_counts_at_the_same_place(loaded, where):
+    model, tokenizer = loaded
+    seed, text, tokens, at, stop = reply_and_stop(loaded, where)
+    responses = stopped_run(loaded, seed, stop)
+    kept = [t for r in responses for t in r.tokens]
+    reply = "".join(r.text for r in responses)
+    assert responses[-1].finish_reason == "stop"
+    assert reply == tokenizer.decode(kept) and stop not in reply
+    assert text.startswith(reply) and len(reply) <= at
+    assert kept == tokens[: len(kept)]
+    assert responses[-1].generation_tokens == len(kept)
+    # Nothing before the stop string is lost beyond the token it shares a piece with.
+    assert len(tokenizer.decode(tokens[: len(kept) + 1])) > at
+
+
+def test_prompt_cache_after_a_stop_string_holds_only_the_kept_reply(loaded):
+    from mlx_diffgemma.generate import PromptCache
+
+    model, tokenizer = loaded
+    seed, _, _, _, stop = reply_and_stop(loaded, "across two canvases")  # found once canvas 1 is committed
+    cache = PromptCache()
+    responses = stopped_run(loaded, seed, stop, prompt_cache=cache)
+    ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True)
+    kept = [t for r in responses for t in r.tokens]
+    assert cache.tokens == (ids + kept)[: len(cache.tokens)]
+    assert cache.cache is None or cache.cache.offset == len(cache.tokens)
 
 
 def test_checkpoint_generation_config_sets_defaults(loaded):
