@@ -48,8 +48,23 @@ def get_model_path(path_or_repo: str | Path, revision: str | None = None) -> Pat
     try:
         return Path(snapshot_download(str(path_or_repo), revision=revision, allow_patterns=ALLOW_PATTERNS))
     except Exception as e:  # network, auth, missing repo: one readable line for the user
-        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        raise CheckpointError(f"cannot fetch {path_or_repo} from the hub: {reason[:300]}") from None
+        raise CheckpointError(f"cannot download {path_or_repo}: {_hub_problem(e)}") from None
+
+
+def _hub_problem(error: Exception) -> str:
+    from huggingface_hub import errors
+
+    if isinstance(error, errors.GatedRepoError):
+        return "the model is gated: accept its terms on its hub page, then log in with 'hf auth login'"
+    if isinstance(error, errors.RepositoryNotFoundError):
+        return "no such model on the hub (or it is private: log in with 'hf auth login')"
+    if isinstance(error, errors.RevisionNotFoundError):
+        return "no such revision on the hub"
+    if isinstance(error, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, OSError)):
+        return ("it is not in the local cache and the hub cannot be reached (offline?); pass a local model folder "
+                "instead, or try the offline demo: mlx-diffgemma demo sudoku")
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return first[:200]
 
 
 def load_config(model_path: Path) -> dict[str, Any]:

@@ -149,3 +149,42 @@ def test_quantized_community_layout_loads_with_per_module_bits(hf_checkpoint, tm
     assert isinstance(loaded.model.decoder.embed_tokens, nn.QuantizedEmbedding)
     # Self-conditioning multiplies by the quantized embedding table: exercised by logits().
     assert np.array_equal(logits(loaded), logits(in_memory))
+
+
+def test_an_unreachable_hub_id_is_one_line_that_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError) as error:
+        load("someone/not-downloaded-model")
+    message = str(error.value)
+    assert "\n" not in message and len(message) < 250
+    assert "not in the local cache" in message and "local model folder" in message and "demo sudoku" in message
+
+
+def test_a_truncated_shard_names_the_file(hf_checkpoint, tmp_path):
+    path = copy_checkpoint(hf_checkpoint, tmp_path / "ckpt")
+    shard = sorted(path.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # an interrupted download
+    with pytest.raises(CheckpointError, match=f"cannot read .*{shard.name}: .*incomplete download"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("index", ["{not json", "[]", '{"metadata": {}}', '{"weight_map": {"a": 3}}'])
+def test_a_malformed_shard_index_names_the_file(hf_checkpoint, tmp_path, index):
+    path = copy_checkpoint(hf_checkpoint, tmp_path / "ckpt")
+    (path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
+        load_model(path)
+
+
+def test_a_damaged_tokenizer_or_generation_config_names_the_file(hf_checkpoint, tmp_path):
+    path = copy_checkpoint(hf_checkpoint, tmp_path / "ckpt")
+    (path / "generation_config.json").write_text('{"eos_token_id": [1,')
+    with pytest.raises(CheckpointError, match="generation_config.json is not valid JSON"):
+        load(path)
+    (path / "generation_config.json").unlink()
+    (path / "tokenizer.json").write_text("{")
+    with pytest.raises(CheckpointError, match="cannot read the tokenizer"):
+        load(path)

@@ -161,3 +161,27 @@ def test_finetune_rejects_bad_data_with_one_line(toy_model, tmp_path, line, mess
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(toy_model, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from mlx_diffgemma import train as training
+
+    model = load_model(toy_model)
+    args = TrainingArgs(iters=2, batch_size=4, lora=True, lora_rank=2, save_every=1, steps_per_eval=10)
+    out = tmp_path / "adapters"
+    list(train(model, copy_examples(8), None, args, toy_model, out, eos=1, pad=0))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rename = Path.rename
+
+    def interrupted(self, target):  # Ctrl-C just as the new checkpoint is moved into place
+        if self.name.endswith(".saving"):
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        training.save_checkpoint(model, toy_model, out, args, 3, training.optim.AdamW(1e-3), [])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]  # no staging or backup folders left
