@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--train-examples", type=int, default=100_000)
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--levels", default="easy,medium,hard")
+    parser.add_argument("--seed", type=int, default=0, help="eval: sampler seed (row r of a batch draws from seed + r)")
     parser.add_argument("--json", type=Path, help="eval: also write the results here")
     args = parser.parse_args()
     if args.stage == "data":
@@ -83,9 +84,9 @@ def main() -> None:
         n = sudoku.grid_size(model)
         results = {}
         for level in args.levels.split(","):
-            results[level] = evaluate(model, held_out(args.count, sudoku.DIFFICULTIES[n][level], n))
+            results[level] = evaluate(model, held_out(args.count, sudoku.DIFFICULTIES[n][level], n), seed=args.seed)
             print(level, json.dumps(results[level]), flush=True)
-        report = {"model": str(args.model or sudoku.MODEL_DIR), "size": n, "puzzles_per_level": args.count,
+        report = {"model": str(args.model or sudoku.MODEL_DIR), "size": n, "puzzles_per_level": args.count, "seed": args.seed,
                   "blas": os.environ.get("LD_PRELOAD", "default"), "results": results}
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
