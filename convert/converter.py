@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from mlx_diffgemma.utils import (
     weight_files,
 )
 
-from .recipes import Params, RecipeError, make_predicate
+from .recipes import Params, Predicate, RecipeError, make_predicate
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -79,15 +81,25 @@ def quantizable_modules(model: Model) -> dict[str, Any]:
     return {path: module for path, module in model.named_modules() if hasattr(module, "to_quantized")}
 
 
+def read_tensor(file: Path, value: mx.array) -> None:
+    """Evaluate a lazily loaded tensor; data cut short shows only now, and the error must name the file."""
+    try:
+        mx.eval(value)
+    except RuntimeError as e:
+        reason = str(e).split("] ", 1)[-1].rstrip(".")  # MLX prefixes its messages with the function name
+        raise CheckpointError(f"cannot read {file}: {reason}; the file may be incomplete: download it again") from None
+
+
 def convert_tensors(
-    files: list[Path], model: Model, dtype: mx.Dtype, predicate, writer: ShardWriter
-) -> Iterator[tuple[int, dict[str, Params]]]:
+    files: list[Path], model: Model, dtype: mx.Dtype, predicate: Predicate | None, writer: ShardWriter
+) -> Iterator[tuple[int, dict[str, Params | None]]]:
     """Cast (and quantize) each tensor in turn; yields source bytes done and the per-module
-    quantization chosen so far. Only one input shard is open at a time."""
+    quantization chosen so far (``None`` for a module left as is). Only one input shard is open
+    at a time."""
     modules = quantizable_modules(model)
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     seen: set[str] = set()
-    chosen: dict[str, Params] = {}
+    chosen: dict[str, Params | None] = {}
     for file in files:
         tensors = model.sanitize(load_safetensors(file))
         for name, value in tensors.items():
@@ -96,12 +108,15 @@ def convert_tensors(
             if tuple(value.shape) != tuple(expected[name]):
                 raise CheckpointError(f"{file.name}: {name} has shape {tuple(value.shape)}, expected {tuple(expected[name])}")
             seen.add(name)
+            read_tensor(file, value)
             path, _, leaf = name.rpartition(".")
-            params = predicate(path, value.shape) if predicate and leaf == "weight" and path in modules else None
+            quantizable = predicate is not None and leaf == "weight" and path in modules
+            params = predicate(path, value.shape) if quantizable else None
+            if quantizable:
+                chosen[path] = params
             if params is None:
                 writer.add(name, value.astype(dtype))
             else:
-                chosen[path] = params
                 q = mx.quantize(value.astype(dtype), params["group_size"], params["bits"], mode=params["mode"])
                 for suffix, array in zip(("weight", "scales", "biases"), q):
                     writer.add(f"{path}.{suffix}", array)
@@ -112,19 +127,37 @@ def convert_tensors(
         raise CheckpointError(f"{len(missing)} tensor(s) missing from the checkpoint: {', '.join(missing[:5])}")
 
 
-def quantization_block(default: Params, chosen: dict[str, Params]) -> dict[str, Any]:
+def quantization_block(default: Params, chosen: dict[str, Params | None]) -> dict[str, Any]:
     """Defaults, then the modules whose parameters differ from them."""
     block: dict[str, Any] = dict(default)
-    block.update({path: params for path, params in sorted(chosen.items()) if params != default})
+    block.update({path: params for path, params in sorted(chosen.items()) if params is not None and params != default})
     return block
 
 
-def model_card(source: str, dtype: str, quantization: dict[str, Any] | None, recipe: str | None, size: int) -> str:
+def module_patterns(paths: list[str]) -> str:
+    """``a.0.b, a.1.b`` as ``a.*.b`` (2 modules): a short list for the model card."""
+    counts = Counter(re.sub(r"\.\d+\.", ".*.", path) for path in paths)
+    return ", ".join(f"`{p}`" + (f" ({n} modules)" if n > 1 else "") for p, n in sorted(counts.items()))
+
+
+def precision_lines(dtype: str, quantization: dict[str, Any] | None, recipe: str | None, skipped: list[str]) -> list[str]:
     if quantization is None:
-        precision = f"{dtype}, not quantized"
-    else:
-        precision = (f"{quantization['bits']}-bit {quantization['mode']} (group size {quantization['group_size']})"
-                     f"{f', recipe {recipe}' if recipe else ''}; per-module overrides are in config.json")
+        return [f"Weights: {dtype}, not quantized."]
+    scales = "scales, biases and " if quantization["mode"] == "affine" else ""
+    lines = [f"Weights: {quantization['bits']}-bit {quantization['mode']} (group size {quantization['group_size']})"
+             f"{f', recipe {recipe}' if recipe else ''}; {scales}the unquantized tensors in {dtype}."]
+    overrides = Counter((p["bits"], p["mode"], p["group_size"]) for p in quantization.values() if isinstance(p, dict))
+    if overrides:
+        described = "; ".join(f"{b}-bit {m} (group size {g}) for {n} modules" for (b, m, g), n in sorted(overrides.items()))
+        lines.append(f"Per-module overrides (listed in config.json): {described}.")
+    if skipped:
+        lines.append(f"Left unquantized, their input size not a multiple of the group size: {module_patterns(skipped)}.")
+    return lines
+
+
+def model_card(source: str, dtype: str, quantization: dict[str, Any] | None, recipe: str | None,
+               skipped: list[str], size: int) -> str:
+    precision = "\n".join(f"- {line}" for line in precision_lines(dtype, quantization, recipe, skipped))
     return f"""---
 library_name: mlx
 license: apache-2.0
@@ -136,7 +169,8 @@ tags: [mlx, diffusion_gemma, text-diffusion]
 
 Converted with `mlx-diffgemma convert` from `{source}`.
 
-- Weights: {precision}; {size / 2**30:.2f} GiB on disk.
+{precision}
+- {size / 2**30:.2f} GiB on disk.
 - Text only: the vision tower of the original checkpoint is not included.
 
 ```bash
@@ -157,14 +191,50 @@ def check_paths(source: Path, out: Path, force: bool) -> None:
         raise CheckpointError(f"{out} is not empty; pass --force to replace it")
 
 
+def check_unused_flags(q_bits: int | None, q_group_size: int | None, q_mode: str) -> None:
+    """Quantization settings without quantization would be silently ignored: refuse them."""
+    for flag, given in (("--q-bits", q_bits is not None), ("--q-group-size", q_group_size is not None),
+                        ("--q-mode", q_mode != "affine")):
+        if given:
+            raise RecipeError(f"{flag} needs -q (or --recipe)")
+
+
+def checkpoint_dtype(source: Path, config: dict[str, Any], tensors: list[mx.array]) -> str:
+    """The checkpoint's own dtype: its config's ``dtype`` (``torch_dtype`` in older files), else
+    that of most of its floating-point weights."""
+    for section in (config, config.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if section.get(key) in DTYPES:
+                return section[key]
+    counts: Counter[mx.Dtype] = Counter()
+    for value in tensors:
+        if mx.issubdtype(value.dtype, mx.floating):
+            counts[value.dtype] += value.size
+    names = {v: k for k, v in DTYPES.items()}
+    if not counts or counts.most_common(1)[0][0] not in names:
+        raise CheckpointError(f"cannot tell the dtype of {source} from its config or weights; pass --dtype")
+    return names[counts.most_common(1)[0][0]]
+
+
+def output_config(config: dict[str, Any], dtype: str, quantization: dict[str, Any] | None) -> dict[str, Any]:
+    """The source config without the vision tower or stale dtype and quantization fields."""
+    out = {k: v for k, v in config.items() if k not in ("vision_config", "quantization", "quantization_config", "torch_dtype")}
+    if isinstance(out.get("text_config"), dict):
+        out["text_config"] = {k: v for k, v in out["text_config"].items() if k not in ("dtype", "torch_dtype")}
+    out["dtype"] = dtype
+    if quantization is not None:
+        out["quantization"] = out["quantization_config"] = quantization
+    return out
+
+
 def convert(
     hf_path: str | Path,
     mlx_path: str | Path,
     *,
-    dtype: str = "bfloat16",
+    dtype: str | None = None,
     quantize: bool = False,
     q_bits: int | None = None,
-    q_group_size: int = 64,
+    q_group_size: int | None = None,
     q_mode: str = "affine",
     recipe: str | None = None,
     force: bool = False,
@@ -173,16 +243,19 @@ def convert(
 ) -> Path:
     """Convert ``hf_path`` (folder or hub id) into an MLX folder at ``mlx_path``.
 
-    ``quantize`` alone is the ``uniform`` recipe at ``q_bits`` (4); a ``recipe`` implies
-    quantization (``mixed_L_H`` sets its own bits). Nothing is left behind on failure.
+    ``dtype`` ``None`` keeps the checkpoint's own (as its config states, else as its weights are
+    stored). ``quantize`` alone is the ``uniform`` recipe; a ``recipe`` implies quantization
+    (``mixed_L_H`` sets its own bits). ``q_bits`` and ``q_group_size`` left as ``None`` are the
+    defaults of ``q_mode`` (``recipes.MODES``); given without quantizing they are an error.
+    Nothing is left behind on failure.
     """
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise RecipeError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    if recipe is not None and recipe.startswith("mixed") and q_bits is not None:
-        raise RecipeError(f"recipe {recipe} sets its own bits; drop --q-bits")
     predicate, default = None, None
     if quantize or recipe is not None:
-        predicate, default = make_predicate(recipe or "uniform", q_bits or 4, q_group_size, q_mode)
+        predicate, default = make_predicate(recipe or "uniform", q_bits, q_group_size, q_mode)
+    else:
+        check_unused_flags(q_bits, q_group_size, q_mode)
     out = Path(mlx_path).expanduser()
     local = Path(hf_path).expanduser()
     if local.exists():
@@ -194,33 +267,37 @@ def convert(
     if quantization_config(config):
         raise CheckpointError(f"{source} is already quantized; convert from the original checkpoint")
     files = weight_files(source)
+    # Loading is lazy: this reads only the headers, so a damaged one stops us before anything is written.
+    headers = [v for f in files for v in model.sanitize(load_safetensors(f)).values()]
+    dtype = dtype or checkpoint_dtype(source, config, headers)
+    total_bytes, total_tensors = sum(v.nbytes for v in headers), len(headers)
+    del headers
 
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         writer = ShardWriter(staging, max_shard_bytes)
-        # Loading is lazy: this reads only the headers.
-        sizes = [v.nbytes for f in files for v in model.sanitize(load_safetensors(f)).values()]
-        chosen: dict[str, Params] = {}
-        with progress_bar(progress, sum(sizes), len(sizes)) as advance:
+        chosen: dict[str, Params | None] = {}
+        with progress_bar(progress, total_bytes, total_tensors) as advance:
             for done, chosen in convert_tensors(files, model, DTYPES[dtype], predicate, writer):
                 advance(done)
         size = writer.finish()
-        config = {k: v for k, v in config.items() if k not in ("vision_config", "quantization", "quantization_config")}
-        config["dtype"] = dtype
         quantization = quantization_block(default, chosen) if default is not None else None
-        if quantization is not None:
-            config["quantization"] = config["quantization_config"] = quantization
-        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        (staging / "config.json").write_text(json.dumps(output_config(config, dtype, quantization), indent=2))
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copy(source / name, staging / name)
-        (staging / "README.md").write_text(model_card(str(hf_path), dtype, quantization, recipe, size))
+        skipped = sorted(path for path, params in chosen.items() if params is None)
+        (staging / "README.md").write_text(model_card(str(hf_path), dtype, quantization, recipe, skipped, size))
         replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:
+            with suppress(OSError):
+                folder.rmdir()
         raise
     return out
 

@@ -10,14 +10,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_diffgemma.convert import RecipeError, convert
+from mlx_diffgemma.convert import MODES, RecipeError, convert
 from mlx_diffgemma.convert.converter import ShardWriter
 from mlx_diffgemma import load
 from mlx_diffgemma.utils import CheckpointError, ConfigError, load_model
 
 RECIPES = {
-    "float32": dict(dtype="float32"),
-    "bfloat16": dict(),
+    "float32": dict(),
+    "bfloat16": dict(dtype="bfloat16"),
     "8-bit": dict(quantize=True, q_bits=8, q_group_size=32),
     "mixed_4_8": dict(recipe="mixed_4_8", q_group_size=32),
     "4-bit": dict(quantize=True, q_bits=4, q_group_size=32),
@@ -97,12 +97,18 @@ def test_output_shards_respect_the_size_limit(hf_checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(quantize=True, q_bits=7), RecipeError, "supports 2, 3, 4, 5, 6, 8 bits, not 7"),
-        (dict(quantize=True, q_group_size=48), RecipeError, "group sizes 32, 64, 128, not 48"),
-        (dict(quantize=True, q_mode="mxfp4", q_bits=8, q_group_size=32), RecipeError, "mxfp4 quantization supports 4 bits"),
+        (dict(quantize=True, q_bits=7), RecipeError, r"affine at 7 bits with group size 64; affine takes bits 1, 2, 3, 4, 5, 6 or 8"),
+        (dict(quantize=True, q_group_size=48), RecipeError, r"group size 48; .* and group size 32, 64 or 128 \(default 64\)$"),
+        (dict(quantize=True, q_mode="mxfp4", q_bits=8), RecipeError, "mxfp4 at 8 bits with group size 32; mxfp4 takes bits 4 and group size 32$"),
+        (dict(quantize=True, q_mode="nvfp4", q_group_size=32), RecipeError, "nvfp4 takes bits 4 and group size 16$"),
+        (dict(recipe="mixed_4_8", q_mode="mxfp8"), RecipeError, "mxfp8 at 4 bits with group size 32; mxfp8 takes bits 8"),
+        (dict(quantize=True, q_mode="int4"), RecipeError, "unknown quantization mode 'int4'"),
         (dict(recipe="mixed_5_9"), RecipeError, "unknown recipe 'mixed_5_9'"),
         (dict(recipe="mixed_4_8", q_bits=3), RecipeError, "sets its own bits"),
         (dict(dtype="int8"), RecipeError, "unknown dtype 'int8'"),
+        (dict(q_bits=4), RecipeError, r"^--q-bits needs -q \(or --recipe\)$"),
+        (dict(q_group_size=32), RecipeError, r"^--q-group-size needs -q \(or --recipe\)$"),
+        (dict(q_mode="mxfp4"), RecipeError, r"^--q-mode needs -q \(or --recipe\)$"),
     ],
 )
 def test_bad_settings_are_refused_before_anything_is_written(hf_checkpoint, tmp_path, kwargs, error, message):
@@ -174,4 +180,165 @@ def test_cli_convert_errors_are_one_line(hf_checkpoint, tmp_path):
     result = subprocess.run([sys.executable, cli, "convert", "--hf-path", str(hf_checkpoint), "--mlx-path",
                              str(tmp_path / "o"), "-q", "--q-bits", "7"], capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr.strip() == "error: affine quantization supports 2, 3, 4, 5, 6, 8 bits, not 7"
+    assert result.stderr.strip() == ("error: MLX cannot quantize affine at 7 bits with group size 64; affine takes bits "
+                                     "1, 2, 3, 4, 5, 6 or 8 (default 4) and group size 32, 64 or 128 (default 64)")
+
+
+
+def saved_tensors(path):
+    return {k: v for f in sorted(path.glob("model*.safetensors")) for k, v in mx.load(str(f)).items()}
+
+
+def float_dtypes(path):
+    return {v.dtype for v in saved_tensors(path).values() if mx.issubdtype(v.dtype, mx.floating)}
+
+
+def edit_copy(src, dst, tensor_dtype=None, drop=(), **config):
+    """A copy of a checkpoint with its tensors cast to ``tensor_dtype`` and its config edited."""
+    copy(src, dst)
+    if tensor_dtype is not None:
+        for f in dst.glob("model*.safetensors"):
+            tensors = {k: v.astype(tensor_dtype) for k, v in mx.load(str(f)).items()}
+            mx.save_safetensors(str(f), tensors, metadata={"format": "pt"})
+    old = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**{k: v for k, v in old.items() if k not in drop}, **config}))
+    return dst
+
+
+def test_default_dtype_is_the_checkpoints_own(hf_checkpoint, tmp_path):
+    assert json.loads((hf_checkpoint / "config.json").read_text())["dtype"] == "float32"
+    out = convert(hf_checkpoint, tmp_path / "default", progress=False)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert float_dtypes(out) == {mx.float32}
+    # Quantized: the scales and biases keep the checkpoint's precision too.
+    out = convert(hf_checkpoint, tmp_path / "8-bit", progress=False, quantize=True, q_bits=8)
+    assert float_dtypes(out) == {mx.float32}
+    # Older configs call it torch_dtype; the config is trusted over the tensors, as in mlx-lm.
+    older = edit_copy(hf_checkpoint, tmp_path / "older", drop=("dtype",), torch_dtype="bfloat16")
+    out = convert(older, tmp_path / "from-torch-dtype", progress=False)
+    assert float_dtypes(out) == {mx.bfloat16}
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and "torch_dtype" not in config
+    # No dtype in the config: that of the tensors.
+    half = edit_copy(hf_checkpoint, tmp_path / "half", tensor_dtype=mx.float16, drop=("dtype",))
+    out = convert(half, tmp_path / "from-tensors", progress=False)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    assert float_dtypes(out) == {mx.float16}
+    # An explicit dtype still wins.
+    out = convert(half, tmp_path / "explicit", progress=False, dtype="bfloat16")
+    assert float_dtypes(out) == {mx.bfloat16}
+
+
+def test_modes_table_is_what_mlx_accepts():
+    w = mx.random.normal((8, 256))
+    for mode, spec in MODES.items():
+        accepted = set()
+        for bits in range(1, 9):
+            for group_size in (16, 32, 64, 128):
+                try:
+                    mx.eval(mx.quantize(w, group_size, bits, mode=mode))
+                    accepted.add((bits, group_size))
+                except ValueError:
+                    pass
+        assert accepted == {(b, g) for b in spec.bits for g in spec.group_sizes}, mode
+        default = mx.quantize(w, mode=mode)
+        explicit = mx.quantize(w, spec.default_group_size, spec.default_bits, mode=mode)
+        assert [a.shape for a in default] == [a.shape for a in explicit], mode
+
+
+@pytest.mark.parametrize("mode, bits, group_size", [("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16)])
+def test_float_modes_pick_their_own_bits_and_group_size(hf_checkpoint, tmp_path, mode, bits, group_size):
+    out = convert(hf_checkpoint, tmp_path / mode, progress=False, quantize=True, q_mode=mode)
+    quant = json.loads((out / "config.json").read_text())["quantization"]
+    assert (quant["bits"], quant["group_size"], quant["mode"]) == (bits, group_size, mode)
+    model = load_model(out)
+    assert model.layers[1].experts.gate_up_proj.mode == mode
+    assert np.isfinite(logits(model, model.args.vocab_size)).all()
+
+
+def test_mixed_recipe_in_a_float_mode(hf_checkpoint, tmp_path):
+    out = convert(hf_checkpoint, tmp_path / "mixed", progress=False, recipe="mixed_4_8", q_mode="mxfp4")
+    quant = json.loads((out / "config.json").read_text())["quantization"]
+    assert (quant["bits"], quant["group_size"], quant["mode"]) == (4, 32, "mxfp4")
+    assert quant["model.decoder.layers.1.self_attn.q_proj"] == {"group_size": 64, "bits": 8, "mode": "affine"}
+    load_model(out)
+
+
+def card(path):
+    return (path / "README.md").read_text()
+
+
+def test_model_card_states_overrides_and_unquantized_modules(hf_checkpoint, conversions, tmp_path):
+    # Uniform at group size 32: every module quantized, nothing overridden.
+    assert "4-bit affine (group size 32); scales, biases and the unquantized tensors in float32" in card(conversions["4-bit"])
+    assert "overrides" not in card(conversions["4-bit"]) and "unquantized, " not in card(conversions["4-bit"])
+    assert "Weights: bfloat16, not quantized." in card(conversions["bfloat16"])
+    mixed = card(conversions["mixed_4_8"])
+    assert "recipe mixed_4_8" in mixed
+    assert "Per-module overrides (listed in config.json): 8-bit affine (group size 64) for 31 modules." in mixed
+    # The tiny experts' down projection takes 32 inputs: no groups of 64.
+    out = convert(hf_checkpoint, tmp_path / "group-64", progress=False, quantize=True)
+    assert ("Left unquantized, their input size not a multiple of the group size: "
+            "`model.decoder.layers.*.experts.down_proj` (4 modules).") in card(out)
+    assert "overrides" not in card(out)
+    quant = json.loads((out / "config.json").read_text())["quantization"]
+    assert quant == {"group_size": 64, "bits": 4, "mode": "affine"}
+    model = load_model(out)
+    assert not hasattr(model.layers[0].experts.down_proj, "scales") and model.layers[0].experts.gate_up_proj.bits == 4
+
+
+def cut(path, keep):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def header_end(path):
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def text_shard(folder):
+    """The shard holding layer 1's attention: text weights, so conversion must read it."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    return folder / next(f for k, f in index["weight_map"].items() if "layers.1.self_attn.q_proj" in k)
+
+
+@pytest.mark.parametrize(
+    "damage, names",
+    [
+        (lambda src: cut(text_shard(src), 40), "text shard"),  # inside the JSON header
+        (lambda src: cut(text_shard(src), header_end(text_shard(src)) + 10), "text shard"),  # header whole, data cut
+        (lambda src: cut(src / "model.safetensors.index.json", 100), "model.safetensors.index.json"),
+        (lambda src: (src / "model.safetensors.index.json").write_text('{"weight_map": ["a"]}'), "model.safetensors.index.json"),
+    ],
+    ids=["header-cut", "data-cut", "index-cut", "index-malformed"],
+)
+def test_damaged_source_is_a_one_line_error_and_leaves_nothing(hf_checkpoint, tmp_path, damage, names):
+    src = copy(hf_checkpoint, tmp_path / "src")
+    name = text_shard(src).name if names == "text shard" else names
+    damage(src)
+    with pytest.raises(CheckpointError) as error:
+        convert(src, tmp_path / "new" / "out", progress=False)
+    assert name in str(error.value) and "\n" not in str(error.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_data_cut_short_after_the_header_was_read(hf_checkpoint, tmp_path, monkeypatch):
+    """A shard whose data goes missing after its header was read (a download still being
+    written, a disk error) fails only when the tensor is evaluated, mid-conversion."""
+    from mlx_diffgemma.convert import converter
+
+    src = copy(hf_checkpoint, tmp_path / "src")
+    victim = text_shard(src)
+    whole = victim.read_bytes()
+    real_load = converter.load_safetensors
+
+    def load_then_cut(path):
+        victim.write_bytes(whole)  # the header always reads fine ...
+        tensors = real_load(path)
+        cut(victim, header_end(victim))  # ... and then the data is gone
+        return tensors
+
+    monkeypatch.setattr(converter, "load_safetensors", load_then_cut)
+    with pytest.raises(CheckpointError, match=f"^cannot read {victim}: .*download it again$") as error:
+        convert(src, tmp_path / "new" / "out", progress=False, max_shard_bytes=50_000)
+    assert "\n" not in str(error.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]
