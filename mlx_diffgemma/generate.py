@@ -286,9 +286,12 @@ def check_request(model: Model, prompts: list[list[int]], max_tokens: int, canva
         )
 
 
-def resolve_settings(model: Model, **given: Any) -> DiffusionSettings:
-    """Explicit values, else the checkpoint's generation config, else the reference defaults."""
-    explicit = {k: v for k, v in given.items() if v is not None}
+def resolve_settings(model: Model, settings: DiffusionSettings | None = None, **overrides: Any) -> DiffusionSettings:
+    """``settings`` with the ``overrides`` that are not ``None``. Without ``settings``: the
+    checkpoint's generation config over the reference defaults (``DiffusionSettings``)."""
+    explicit = {k: v for k, v in overrides.items() if v is not None}
+    if settings is not None:
+        return replace(settings, **explicit) if explicit else settings
     return DiffusionSettings(**{"canvas_length": model.args.canvas_length, **model.generation_defaults, **explicit})
 
 
@@ -390,25 +393,27 @@ def stream_batch_generate(
     prompts: Sequence[Prompt],
     max_tokens: int = 256,
     *,
+    settings: DiffusionSettings | None = None,
     seed: int | None = None,
     stop: Sequence[str] | str = (),
     draft: bool = False,
     noise: Noise | None = None,
     prompt_cache: PromptCache | None = None,
-    **settings: Any,
+    **overrides: Any,
 ) -> Iterator[GenerationResponse]:
     """Stream replies to several prompts at once; each response's ``index`` names its row.
 
     Row ``r`` draws its own noise from ``seed + r`` and equals the run of its prompt alone
     with that seed. Per committed canvas, each row that has new text or has just finished
     yields one response; with ``draft``, every denoising step yields each row's draft.
-    ``settings`` are ``DiffusionSettings`` fields (``steps``, ``entropy_bound``, ...); left
-    out or ``None``, they come from the checkpoint's generation config, else the reference
-    defaults. With ``prompt_cache`` (one prompt), a prompt that extends the cached tokens
+    ``settings`` (built once with ``resolve_settings``) holds the denoising settings;
+    ``overrides`` change single fields of it (``steps=8``; ``None`` changes nothing). Without
+    ``settings``, unset fields come from the checkpoint's generation config, else the
+    reference defaults. With ``prompt_cache`` (one prompt), a prompt that extends the cached tokens
     (the next turn of a chat) encodes only what is new. ``noise`` replaces the seeded
     randomness altogether (tests pin it to compare with the reference implementation).
     """
-    resolved = resolve_settings(model, **settings)
+    resolved = resolve_settings(model, settings, **overrides)
     ids = [prepare_prompt(tokenizer, p) for p in prompts]
     check_request(model, ids, max_tokens, resolved.canvas_length)
     if prompt_cache is not None and len(ids) != 1:
@@ -477,8 +482,8 @@ def stream_batch_generate(
 def stream_generate(model: Model, tokenizer, prompt: Prompt, max_tokens: int = 256, **kwargs: Any) -> Iterator[GenerationResponse]:
     """Stream a reply canvas by canvas; with ``draft=True``, also each denoising step's draft.
 
-    Keyword arguments as ``stream_batch_generate``: ``seed``, ``stop``, ``draft``, ``noise``,
-    ``prompt_cache`` and the denoising settings.
+    Keyword arguments as ``stream_batch_generate``: ``settings`` and single settings,
+    ``seed``, ``stop``, ``draft``, ``noise`` and ``prompt_cache``.
     """
     return stream_batch_generate(model, tokenizer, [prompt], max_tokens, **kwargs)
 

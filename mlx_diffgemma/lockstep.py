@@ -9,6 +9,7 @@ import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import closing
+from dataclasses import asdict
 from typing import Any
 
 import mlx.core as mx
@@ -16,6 +17,7 @@ import numpy as np
 
 from .generate import GenerationResponse, PromptCache, stream_generate
 from .model import Model
+from .sampler import DiffusionSettings
 
 
 class Lockstep:
@@ -62,7 +64,10 @@ class Lockstep:
 
     def _run(self, model: Model, tokenizer, request: dict, prompt_cache: PromptCache) -> Iterator[GenerationResponse]:
         self._agree(model, prompt_cache)
-        responses = stream_generate(model, tokenizer, request["ids"], prompt_cache=prompt_cache, **request["options"])
+        options = dict(request["options"])
+        if options.get("settings") is not None:
+            options["settings"] = DiffusionSettings(**options["settings"])
+        responses = stream_generate(model, tokenizer, request["ids"], prompt_cache=prompt_cache, **options)
         with closing(responses):
             for response in responses:
                 try:
@@ -78,6 +83,8 @@ class Lockstep:
         """Rank 0's ``stream_generate``: the same arguments (token ids, a prompt cache)."""
         if options.get("seed") is None:
             options["seed"] = random.randrange(2**31)
+        if isinstance(options.get("settings"), DiffusionSettings):
+            options["settings"] = asdict(options["settings"])
         request = {"ids": list(prompt), "options": options}
         self._broadcast(request)
         yield from self._run(model, tokenizer, request, prompt_cache)

@@ -13,6 +13,7 @@ import mlx.core as mx
 
 from mlx_diffgemma import load, stream_generate
 from mlx_diffgemma.chat import ChatSession
+from mlx_diffgemma.generate import resolve_settings
 from mlx_diffgemma.lockstep import Lockstep
 
 group = mx.distributed.init()
@@ -23,7 +24,7 @@ if lockstep and not lockstep.leader:
     sys.exit(0)
 
 session = ChatSession(model, tokenizer, generator=lockstep.stream if lockstep else stream_generate,
-                      max_tokens=20, steps=6, seed=3)
+                      max_tokens=20, settings=resolve_settings(model, steps=6), seed=3)
 replies = []
 
 

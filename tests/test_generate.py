@@ -309,3 +309,17 @@ def test_top_k_self_conditioning_mixes_the_likely_tokens_with_their_exact_probab
     assert mx.abs(near - dense).mean().item() < 0.1 * mx.abs(two - dense).mean().item()
     text = generate(model, tokenizer, PROMPT, 16, steps=3, seed=1, self_conditioning_top_k=4)
     assert text != generate(model, tokenizer, PROMPT, 16, steps=3, seed=1)
+
+
+def test_one_settings_object_with_overrides_gives_what_loose_settings_give(loaded):
+    from mlx_diffgemma.generate import resolve_settings
+
+    model, tokenizer = loaded
+    settings = resolve_settings(model, steps=4, entropy_bound=0.3)
+    assert settings.canvas_length == model.args.canvas_length
+    loose = generate(model, tokenizer, PROMPT, 32, seed=2, steps=4, entropy_bound=0.3)
+    assert generate(model, tokenizer, PROMPT, 32, seed=2, settings=settings) == loose
+    assert generate(model, tokenizer, PROMPT, 32, seed=2, settings=resolve_settings(model, steps=9), steps=4,
+                    entropy_bound=0.3) == loose
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        generate(model, tokenizer, PROMPT, 32, settings=settings, steps=0)
