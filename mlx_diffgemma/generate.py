@@ -19,6 +19,7 @@ from mlx_lm.generate import wired_limit
 
 from .cache import DiffusionCache
 from .model import Model
+from .reply import Markers, Reply, ReplyStream
 from .sampler import DiffusionSettings, accept, distribution, is_stable, renoise, sample, temperature
 
 PREFILL_STEP_SIZE = 512
@@ -234,9 +235,14 @@ def generate_step(
 
 @dataclass
 class GenerationResponse:
-    """One streamed update: a committed text delta, or (with ``draft=True``) the live draft."""
+    """One streamed update: a committed delta, or (with ``draft=True``) the live draft.
 
-    text: str  # newly committed text ("" for draft updates)
+    A reply is split as it is committed (``reply.py``): ``text`` is the answer, without any
+    chat-format marker; ``reasoning`` the thinking span; ``tool_calls`` the calls completed
+    in this update; ``raw`` the decoded text as the model wrote it, markers included.
+    """
+
+    text: str  # newly committed answer text ("" for draft updates)
     tokens: list[int]  # newly committed token ids (EOS excluded)
     draft: str | None  # the current canvas's argmax text, during denoising
     step: int | None  # denoising step of the draft
@@ -250,15 +256,28 @@ class GenerationResponse:
     peak_memory: float = 0.0  # GB
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", or None while running
     index: int = 0  # the row of a batch this response belongs to
+    reasoning: str = ""  # newly committed reasoning text
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # {"name", "arguments"} completed now
+    raw: str = ""  # newly committed text as decoded, markers included
 
 
-def prepare_prompt(tokenizer, prompt: Prompt) -> list[int]:
-    """Token ids from text, ids, or chat messages (chat template with the generation prompt)."""
+def prepare_prompt(tokenizer, prompt: Prompt, **template_kwargs: Any) -> list[int]:
+    """Token ids from text, ids, or chat messages (chat template with the generation prompt).
+
+    ``template_kwargs`` (``tools``, ``enable_thinking``, ...) go to the chat template, so
+    they apply to chat messages only; ``None`` values are left out.
+    """
+    template_kwargs = {k: v for k, v in template_kwargs.items() if v is not None}
+    messages = not isinstance(prompt, str) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+    if template_kwargs and not messages:
+        raise ValueError(f"{', '.join(sorted(template_kwargs))} apply to chat messages only, not to a text or token prompt")
     if isinstance(prompt, str):
         return list(tokenizer.encode(prompt))
     prompt = list(prompt)
-    if prompt and all(isinstance(m, dict) for m in prompt):
-        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+    if messages:
+        if not getattr(tokenizer, "has_chat_template", True):
+            raise ValueError("this model has no chat template: send the prompt as plain text (--raw on the command line)")
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, **template_kwargs))
     if all(isinstance(t, (int, np.integer)) for t in prompt):
         return [int(t) for t in prompt]
     raise ValueError("prompt must be a string, a list of token ids, or a list of chat messages")
@@ -399,6 +418,9 @@ def stream_batch_generate(
     draft: bool = False,
     noise: Noise | None = None,
     prompt_cache: PromptCache | None = None,
+    enable_thinking: bool | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> Iterator[GenerationResponse]:
     """Stream replies to several prompts at once; each response's ``index`` names its row.
@@ -412,15 +434,19 @@ def stream_batch_generate(
     reference defaults. With ``prompt_cache`` (one prompt), a prompt that extends the cached tokens
     (the next turn of a chat) encodes only what is new. ``noise`` replaces the seeded
     randomness altogether (tests pin it to compare with the reference implementation).
+    For chat-message prompts, ``enable_thinking``, ``tools`` (function schemas) and other
+    ``chat_template_kwargs`` go to the chat template.
     """
     resolved = resolve_settings(model, settings, **overrides)
-    ids = [prepare_prompt(tokenizer, p) for p in prompts]
+    template_kwargs = {**(chat_template_kwargs or {}), "enable_thinking": enable_thinking, "tools": tools}
+    ids = [prepare_prompt(tokenizer, p, **template_kwargs) for p in prompts]
     check_request(model, ids, max_tokens, resolved.canvas_length)
     if prompt_cache is not None and len(ids) != 1:
         raise ValueError("a prompt cache serves one prompt at a time")
     stop = [stop] if isinstance(stop, str) else list(stop)
     noise = noise or SeededNoise(model.args.vocab_size, shared_seed(model, seed))
     replies = [ReplyText(tokenizer, stop) for _ in ids]
+    parts = [ReplyStream(Markers.of(tokenizer)) for _ in ids]
     steps_per_canvas: list[int] = []
     passes, valid = [0] * len(ids), [0] * len(ids)
     finished: list[str | None] = [None] * len(ids)
@@ -430,11 +456,13 @@ def stream_batch_generate(
     start = time.perf_counter()
     prompt_time = None
 
-    def response(row: int, delta: str = "", new_tokens=(), draft_text=None, step=None) -> GenerationResponse:
+    def response(row: int, delta: Reply | None = None, raw: str = "", new_tokens=(), draft_text=None,
+                 step=None) -> GenerationResponse:
         elapsed = time.perf_counter() - start - (prompt_time or 0.0)
-        count = len(replies[row].tokens)
+        count, delta = len(replies[row].tokens), delta or Reply()
         return GenerationResponse(
-            text=delta, tokens=list(new_tokens), draft=draft_text, step=step, prompt_tokens=len(ids[row]),
+            text=delta.answer, reasoning=delta.reasoning, tool_calls=delta.tool_calls, raw=raw,
+            tokens=list(new_tokens), draft=draft_text, step=step, prompt_tokens=len(ids[row]),
             prompt_tps=sum(encoded) / prompt_time if prompt_time else 0.0, cached_tokens=len(ids[row]) - encoded[row],
             generation_tokens=count, generation_tps=count / elapsed if elapsed > 0 else 0.0,
             steps_per_canvas=list(steps_per_canvas), tokens_per_forward=valid[row] / passes[row] if passes[row] else 0.0,
@@ -463,10 +491,11 @@ def stream_batch_generate(
                 for row in (r for r in range(len(ids)) if finished[r] is None):
                     passes[row] += event.forward_passes[row]
                     valid[row] += event.valid_tokens[row]
-                    delta, new, stopped = replies[row].add(event.tokens[row], event.finish_reasons[row] is not None)
+                    raw, new, stopped = replies[row].add(event.tokens[row], event.finish_reasons[row] is not None)
                     finished[row] = "stop" if stopped else event.finish_reasons[row]
-                    if delta or new or finished[row]:
-                        yield response(row, delta, new)
+                    if raw or new or finished[row]:
+                        delta = parts[row].update(replies[row].text, finished[row] is not None)
+                        yield response(row, delta, raw, new)
                 if all(finished):
                     return
         except (Exception, KeyboardInterrupt):
@@ -483,13 +512,15 @@ def stream_generate(model: Model, tokenizer, prompt: Prompt, max_tokens: int = 2
     """Stream a reply canvas by canvas; with ``draft=True``, also each denoising step's draft.
 
     Keyword arguments as ``stream_batch_generate``: ``settings`` and single settings,
-    ``seed``, ``stop``, ``draft``, ``noise`` and ``prompt_cache``.
+    ``seed``, ``stop``, ``draft``, ``noise``, ``prompt_cache``, ``enable_thinking``, ``tools``
+    and ``chat_template_kwargs``.
     """
     return stream_batch_generate(model, tokenizer, [prompt], max_tokens, **kwargs)
 
 
 def generate(model: Model, tokenizer, prompt: Prompt, max_tokens: int = 256, **kwargs: Any) -> str:
-    """The whole reply as a string; keyword arguments as ``stream_generate``."""
+    """The whole answer as a string (reasoning and tool calls apart: see ``stream_generate``);
+    keyword arguments as ``stream_generate``."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs))
 
 

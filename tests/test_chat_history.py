@@ -1,4 +1,4 @@
-"""ChatSession keeps the conversation as the exact ids and text of what was shown."""
+"""ChatSession keeps the conversation as the exact ids and text the model wrote."""
 
 from mlx_diffgemma import load
 from mlx_diffgemma.chat import ChatSession
@@ -9,12 +9,12 @@ def test_a_reply_cut_at_a_stop_string_is_kept_in_the_history_as_shown(hf_checkpo
     tokenizer.eos_token_ids = []
     session = ChatSession(model, tokenizer, max_tokens=48, steps=4, seed=3)
     full = list(session.send("Hello world"))
-    text = "".join(r.text for r in full)
+    text = "".join(r.raw for r in full)
     piece = next(text[i : i + 3] for i in range(20, len(text)) if "\ufffd" not in text[i : i + 3]
                  and text.find(text[i : i + 3]) == i)
     session.reset()
     responses = list(session.send("Hello world", stop=[piece]))
-    shown = "".join(r.text for r in responses)
+    shown = "".join(r.raw for r in responses)
     reply_ids = [t for r in responses for t in r.tokens]
     assert responses[-1].finish_reason == "stop" and piece not in shown
     assert session.messages[-1] == {"role": "assistant", "content": shown}

@@ -70,7 +70,7 @@ def test_eos_stops_and_is_dropped(loaded):
         responses = run(loaded, seed=6)
     finally:
         tokenizer.eos_token_ids = [1, 106]
-    assert "".join(r.text for r in responses) == tokenizer.decode(free[:cut])
+    assert "".join(r.raw for r in responses) == tokenizer.decode(free[:cut])
     assert responses[-1].finish_reason == "stop" and responses[-1].generation_tokens == cut
 
 
@@ -89,11 +89,11 @@ def _tokens(loaded, seed, eos):
 
 def test_stop_string_cuts_the_text(loaded):
     model, tokenizer = loaded
-    full = generate(model, tokenizer, PROMPT, 40, seed=7, **FAST)
+    full = "".join(r.raw for r in run(loaded, seed=7))
     words = [w for w in re.findall(r"\S{2,}", full) if full.count(w) == 1 and full.index(w) > 5]
     stop = words[0]
     responses = run(loaded, seed=7, stop=[stop])
-    text = "".join(r.text for r in responses)
+    text = "".join(r.raw for r in responses)
     assert text == full[: full.index(stop)]
     assert responses[-1].finish_reason == "stop"
 
@@ -195,7 +195,7 @@ def test_a_stop_string_ends_text_tokens_and_counts_at_the_same_place(loaded, whe
     seed, text, tokens, at, stop = reply_and_stop(loaded, where)
     responses = stopped_run(loaded, seed, stop)
     kept = [t for r in responses for t in r.tokens]
-    reply = "".join(r.text for r in responses)
+    reply = "".join(r.raw for r in responses)
     assert responses[-1].finish_reason == "stop"
     assert reply == tokenizer.decode(kept) and stop not in reply
     assert text.startswith(reply) and len(reply) <= at
@@ -323,3 +323,56 @@ def test_one_settings_object_with_overrides_gives_what_loose_settings_give(loade
                     entropy_bound=0.3) == loose
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         generate(model, tokenizer, PROMPT, 32, settings=settings, steps=0)
+
+
+def test_replies_are_split_into_answer_reasoning_and_tool_calls_as_they_stream(loaded, monkeypatch):
+    """The model's canvases are pinned to a reply with a thought span and a tool call."""
+    import importlib
+
+    from mlx_lm.tool_parsers import gemma4
+
+    generation = importlib.import_module("mlx_diffgemma.generate")  # the module, not the function it exports
+    model, tokenizer = loaded
+    monkeypatch.setattr(tokenizer, "_tool_call_start", gemma4.tool_call_start)
+    monkeypatch.setattr(tokenizer, "_tool_call_end", gemma4.tool_call_end)
+    monkeypatch.setattr(tokenizer, "_tool_parser", gemma4.parse_tool_call)
+    written = tokenizer.encode("<|channel>thought\nAsk the tool.<channel|>Sure.<|tool_call>call:add{a:2,b:3}<tool_call|>",
+                               add_special_tokens=False)
+    canvases = [written[:7], written[7:] + [106] * (32 - len(written))]
+
+    def pinned(model, prompts, **kwargs):
+        yield generation.Prefilled(len(prompts[0]))
+        for i, tokens in enumerate(canvases):
+            reason = "stop" if i == 1 else None
+            yield generation.Canvas(i, [tokens[: tokens.index(106)] if 106 in tokens else tokens], [reason], 1, [1], [len(tokens)])
+
+    monkeypatch.setattr(generation, "generate_step", pinned)
+    responses = list(stream_generate(model, tokenizer, PROMPT, 64))
+    assert "".join(r.reasoning for r in responses) == "Ask the tool."
+    assert "".join(r.text for r in responses) == "Sure."
+    assert [c for r in responses for c in r.tool_calls] == [{"name": "add", "arguments": {"a": 2, "b": 3}}]
+    assert "".join(r.raw for r in responses) == tokenizer.decode(written)
+    assert not any("<" in r.text for r in responses)
+
+
+def test_chat_template_options_reach_the_template_and_are_refused_for_text_prompts(loaded):
+    from mlx_diffgemma.generate import prepare_prompt
+
+    model, tokenizer = loaded
+    seen = {}
+    original = tokenizer.apply_chat_template
+
+    def spy(messages, **kwargs):
+        seen.update(kwargs)
+        return original(messages, **kwargs)
+
+    tokenizer.apply_chat_template = spy
+    try:
+        tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+        generate(model, tokenizer, PROMPT, 16, steps=2, tools=tools, enable_thinking=False,
+                 chat_template_kwargs={"custom": 1})
+    finally:
+        del tokenizer.apply_chat_template
+    assert seen["tools"] == tools and seen["enable_thinking"] is False and seen["custom"] == 1
+    with pytest.raises(ValueError, match="apply to chat messages only"):
+        prepare_prompt(tokenizer, "plain text", tools=tools)
