@@ -18,6 +18,7 @@ from .model import Model
 
 REASONING = re.compile(r"<\|channel>(?:thought)?\n?(.*?)(?:<channel\|>|$)", re.S)
 TOOL_CALL = re.compile(r"<\|tool_call>call:(.*?)(?:<tool_call\|>|$)", re.S)
+TEMPLATE_OPTIONS = ("enable_thinking", "tools", "chat_template_kwargs")
 MARKERS = re.compile(r"<\|?(?:turn|channel|tool_call|tool_response|tool|think)\|?>|<bos>|<eos>")
 
 
@@ -60,8 +61,12 @@ class ChatSession:
         self.system = text or None
         self.reset()
 
-    def prompt_ids(self) -> list[int]:
-        text = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=False)
+    def prompt_ids(self, enable_thinking: bool | None = None, tools: list[dict] | None = None,
+                   chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """The conversation's ids: those the model already saw, then the template's text for the rest."""
+        kwargs = {**(chat_template_kwargs or {}), "enable_thinking": enable_thinking, "tools": tools}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        text = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=False, **kwargs)
         if self.history_ids:
             seen = self.tokenizer.decode(self.history_ids)
             if text.startswith(seen):
@@ -71,22 +76,36 @@ class ChatSession:
     def send(self, text: str, **options: Any) -> Iterator[GenerationResponse]:
         """Stream the reply to a user message. An interrupted reply is kept as far as it got;
         a refused one (bad settings, prompt too long) leaves the history as it was."""
-        self.messages.append({"role": "user", "content": text})
+        yield from self._reply({"role": "user", "content": text}, options)
+
+    def send_tool_result(self, content: str, name: str | None = None, **options: Any) -> Iterator[GenerationResponse]:
+        """Stream the reply to a tool's result (a ``tool`` turn after the model's call)."""
+        message = {"role": "tool", "content": content, **({"name": name} if name else {})}
+        yield from self._reply(message, options)
+
+    def _reply(self, message: dict[str, Any], options: dict[str, Any]) -> Iterator[GenerationResponse]:
+        self.messages.append(message)
+        options = {**self.options, **options}
+        template = {k: options.pop(k, None) for k in TEMPLATE_OPTIONS}
         try:
-            ids = self.prompt_ids()
-            stream = self.generator(self.model, self.tokenizer, ids, prompt_cache=self.prompt_cache,
-                                    **{**self.options, **options})
+            ids = self.prompt_ids(**template)
+            stream = self.generator(self.model, self.tokenizer, ids, prompt_cache=self.prompt_cache, **options)
             first = next(stream, None)  # checks the request and prefills
         except BaseException:
             self.messages.pop()
             raise
         reply: list[int] = []
+        calls: list[dict[str, Any]] = []
         try:
             for response in itertools.chain([first] if first is not None else [], stream):
                 reply += response.tokens
+                calls += response.tool_calls
                 self.last = response
                 yield response
         finally:
             stream.close()
-            self.messages.append({"role": "assistant", "content": self.tokenizer.decode(reply)})
+            message: dict[str, Any] = {"role": "assistant", "content": self.tokenizer.decode(reply)}
+            if calls:
+                message["tool_calls"] = [{"type": "function", "function": c} for c in calls]
+            self.messages.append(message)
             self.history_ids = ids + reply

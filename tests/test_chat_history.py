@@ -21,3 +21,22 @@ def test_a_reply_cut_at_a_stop_string_is_kept_in_the_history_as_shown(hf_checkpo
     assert tokenizer.decode(reply_ids) == shown
     assert session.history_ids[-len(reply_ids):] == reply_ids
     assert responses[-1].generation_tokens == len(reply_ids)
+
+
+def test_template_options_reach_every_turn_and_tool_results_are_turns(hf_checkpoint):
+    model, tokenizer = load(hf_checkpoint)
+    seen = []
+    original = tokenizer.apply_chat_template
+
+    def spy(messages, **kwargs):
+        seen.append((list(messages), kwargs))
+        return original(messages, **kwargs)
+
+    tokenizer.apply_chat_template = spy
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    session = ChatSession(model, tokenizer, max_tokens=16, steps=2, seed=0, tools=tools, enable_thinking=True)
+    list(session.send("What is 2 + 3?"))
+    list(session.send_tool_result('{"sum": 5}', name="add"))
+    assert [kw["tools"] for _, kw in seen] == [tools, tools] and all(kw["enable_thinking"] for _, kw in seen)
+    assert seen[-1][0][-1] == {"role": "tool", "content": '{"sum": 5}', "name": "add"}
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "tool", "assistant"]
