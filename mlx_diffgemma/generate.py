@@ -259,6 +259,7 @@ class GenerationResponse:
     reasoning: str = ""  # newly committed reasoning text
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # {"name", "arguments"} completed now
     raw: str = ""  # newly committed text as decoded, markers included
+    stop_string: str | None = None  # with finish_reason "stop": the stop string that ended the reply, if one did
 
 
 def prepare_prompt(tokenizer, prompt: Prompt, **template_kwargs: Any) -> list[int]:
@@ -373,12 +374,14 @@ class ReplyText:
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.tokens: list[int] = []
         self.released, self.text = 0, ""  # tokens released, and their text
+        self.stopped_by: str | None = None  # the stop string that ended the reply
 
     def add(self, new_tokens: list[int], finished: bool) -> tuple[str, list[int], bool]:
         """Commit ``new_tokens``; return the text and tokens now released and whether a stop string ended the reply."""
         self.tokens += new_tokens
         full = self.tokenizer.decode(self.tokens)
-        cut = min((i for i in (full.find(s) for s in self.stop) if i >= 0), default=-1)
+        found = [(i, s) for s in self.stop if (i := full.find(s)) >= 0]
+        cut, self.stopped_by = min(found) if found else (-1, None)
         if cut >= 0:
             self.tokens = self.tokens[: self._last_fitting(full, cut)]
             end = len(self.tokens)
@@ -467,6 +470,7 @@ def stream_batch_generate(
             generation_tokens=count, generation_tps=count / elapsed if elapsed > 0 else 0.0,
             steps_per_canvas=list(steps_per_canvas), tokens_per_forward=valid[row] / passes[row] if passes[row] else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finished[row], index=row,
+            stop_string=replies[row].stopped_by,
         )
 
     events = generate_step(

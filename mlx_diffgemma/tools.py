@@ -2,7 +2,7 @@
 templates take (OpenAI's ``{"type": "function", "function": {...}}``).
 
 Both the OpenAI and the Anthropic shapes are accepted; a bad declaration is a
-``ToolError`` naming the field, which the server answers with a 400.
+``RequestError`` naming the field, which the server answers with a 400.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from jsonschema.validators import validator_for
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-class ToolError(ValueError):
+class RequestError(ValueError):
+    """A request field that cannot be served; ``param`` names it."""
+
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
@@ -26,17 +28,17 @@ class ToolError(ValueError):
 
 def _function(name: Any, description: Any, parameters: Any, param: str) -> dict[str, Any]:
     if not isinstance(name, str) or not NAME.match(name):
-        raise ToolError(f"{param}: a tool name must be 1 to 64 letters, digits, '_' or '-' (got {name!r})", param)
+        raise RequestError(f"{param}: a tool name must be 1 to 64 letters, digits, '_' or '-' (got {name!r})", param)
     if description is not None and not isinstance(description, str):
-        raise ToolError(f"{param}: the description of '{name}' must be a string", param)
+        raise RequestError(f"{param}: the description of '{name}' must be a string", param)
     if parameters is None:
         parameters = {"type": "object", "properties": {}}
     if not isinstance(parameters, dict):
-        raise ToolError(f"{param}: the parameters of '{name}' must be a JSON schema object", param)
+        raise RequestError(f"{param}: the parameters of '{name}' must be a JSON schema object", param)
     try:
         validator_for(parameters).check_schema(parameters)
     except SchemaError as e:
-        raise ToolError(f"{param}: the parameters of '{name}' are not a valid JSON schema: {e.message}", param) from None
+        raise RequestError(f"{param}: the parameters of '{name}' are not a valid JSON schema: {e.message}", param) from None
     function = {"name": name, "parameters": parameters}
     if description:
         function["description"] = description
@@ -49,7 +51,7 @@ def openai_tools(tools: Any, param: str = "tools") -> list[dict[str, Any]]:
     for i, tool in enumerate(_list(tools, param)):
         where = f"{param}[{i}]"
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
-            raise ToolError(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", where)
+            raise RequestError(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", where)
         f = tool["function"]
         out.append(_function(f.get("name"), f.get("description"), f.get("parameters"), where))
     return _unique(out, param)
@@ -62,7 +64,7 @@ def responses_tools(tools: Any, param: str = "tools") -> list[dict[str, Any]]:
         where = f"{param}[{i}]"
         if not isinstance(tool, dict) or tool.get("type") != "function":
             kind = tool.get("type") if isinstance(tool, dict) else None
-            raise ToolError(f"{where}: only function tools are supported (got type {kind!r})", where)
+            raise RequestError(f"{where}: only function tools are supported (got type {kind!r})", where)
         out.append(_function(tool.get("name"), tool.get("description"), tool.get("parameters"), where))
     return _unique(out, param)
 
@@ -74,23 +76,23 @@ def anthropic_tools(tools: Any, param: str = "tools") -> list[dict[str, Any]]:
         where = f"{param}[{i}]"
         if not isinstance(tool, dict) or tool.get("type") not in (None, "custom"):
             kind = tool.get("type") if isinstance(tool, dict) else None
-            raise ToolError(f"{where}: only client tools with an input_schema are supported (got type {kind!r})", where)
+            raise RequestError(f"{where}: only client tools with an input_schema are supported (got type {kind!r})", where)
         if "input_schema" not in tool:
-            raise ToolError(f"{where}: input_schema is required", where)
+            raise RequestError(f"{where}: input_schema is required", where)
         out.append(_function(tool.get("name"), tool.get("description"), tool.get("input_schema"), where))
     return _unique(out, param)
 
 
 def _list(tools: Any, param: str) -> list:
     if not isinstance(tools, list):
-        raise ToolError(f"'{param}' must be a list", param)
+        raise RequestError(f"'{param}' must be a list", param)
     return tools
 
 
 def _unique(tools: list[dict[str, Any]], param: str) -> list[dict[str, Any]]:
     names = [t["function"]["name"] for t in tools]
     if duplicate := next((n for n in names if names.count(n) > 1), None):
-        raise ToolError(f"'{param}' declares '{duplicate}' twice", param)
+        raise RequestError(f"'{param}' declares '{duplicate}' twice", param)
     return tools
 
 
@@ -113,13 +115,13 @@ def tool_choice(choice: Any, tools: list[dict[str, Any]], param: str = "tool_cho
         function = choice.get("function")
         mode = function.get("name") if isinstance(function, dict) else choice.get("name")
         if not isinstance(mode, str):
-            raise ToolError(f"'{param}' must name the function it forces", param)
+            raise RequestError(f"'{param}' must name the function it forces", param)
         if mode not in names:
-            raise ToolError(f"'{param}' names '{mode}', which is not among the declared tools", param)
+            raise RequestError(f"'{param}' names '{mode}', which is not among the declared tools", param)
     else:
-        raise ToolError(f"'{param}' must be \"none\", \"auto\", \"required\" or name a declared function", param)
+        raise RequestError(f"'{param}' must be \"none\", \"auto\", \"required\" or name a declared function", param)
     if mode != "none" and not tools:
-        raise ToolError(f"'{param}' is {mode!r} but no tools are declared", param)
+        raise RequestError(f"'{param}' is {mode!r} but no tools are declared", param)
     return mode
 
 
@@ -138,7 +140,7 @@ def parse_arguments(arguments: Any, param: str) -> dict[str, Any]:
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError:
-            raise ToolError(f"{param}: arguments must be a JSON object (as a string)", param) from None
+            raise RequestError(f"{param}: arguments must be a JSON object (as a string)", param) from None
     if not isinstance(arguments, dict):
-        raise ToolError(f"{param}: arguments must be a JSON object", param)
+        raise RequestError(f"{param}: arguments must be a JSON object", param)
     return arguments

@@ -196,7 +196,7 @@ def test_a_stop_string_ends_text_tokens_and_counts_at_the_same_place(loaded, whe
     responses = stopped_run(loaded, seed, stop)
     kept = [t for r in responses for t in r.tokens]
     reply = "".join(r.raw for r in responses)
-    assert responses[-1].finish_reason == "stop"
+    assert responses[-1].finish_reason == "stop" and responses[-1].stop_string == stop
     assert reply == tokenizer.decode(kept) and stop not in reply
     assert text.startswith(reply) and len(reply) <= at
     assert kept == tokens[: len(kept)]

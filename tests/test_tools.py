@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mlx_diffgemma.tools import ToolError, anthropic_tools, openai_tools, parse_arguments, responses_tools, tool_choice
+from mlx_diffgemma.tools import RequestError, anthropic_tools, openai_tools, parse_arguments, responses_tools, tool_choice
 
 WEATHER = {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}
 NORMAL = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER, "description": "Weather"}}]
@@ -27,15 +27,15 @@ def test_the_three_client_shapes_give_one_template_form():
     ([{"type": "retrieval"}], r"tools\[0\] must be"),
 ])
 def test_bad_openai_tools_name_the_field(tools, message):
-    with pytest.raises(ToolError, match=message) as error:
+    with pytest.raises(RequestError, match=message) as error:
         openai_tools(tools)
     assert error.value.param.startswith("tools")
 
 
 def test_anthropic_server_tools_and_missing_schemas_are_refused():
-    with pytest.raises(ToolError, match="only client tools"):
+    with pytest.raises(RequestError, match="only client tools"):
         anthropic_tools([{"type": "web_search_20250305", "name": "web_search"}])
-    with pytest.raises(ToolError, match="input_schema is required"):
+    with pytest.raises(RequestError, match="input_schema is required"):
         anthropic_tools([{"name": "f"}])
 
 
@@ -55,7 +55,7 @@ def test_tool_choice_modes(choice, mode):
     ("required", [], "no tools are declared"),
 ])
 def test_bad_tool_choice_names_the_field(choice, tools, message):
-    with pytest.raises(ToolError, match=message) as error:
+    with pytest.raises(RequestError, match=message) as error:
         tool_choice(choice, tools)
     assert error.value.param == "tool_choice"
 
@@ -63,5 +63,5 @@ def test_bad_tool_choice_names_the_field(choice, tools, message):
 def test_history_arguments_come_as_json_strings_or_objects():
     assert parse_arguments(json.dumps({"a": 1}), "x") == {"a": 1} == parse_arguments({"a": 1}, "x")
     assert parse_arguments("", "x") == {}
-    with pytest.raises(ToolError, match="JSON object"):
+    with pytest.raises(RequestError, match="JSON object"):
         parse_arguments("[1, 2]", "x")
