@@ -5,6 +5,11 @@ real 26B checkpoint (computed from its shapes, not measured).
     python benchmarks/convert_recipes.py [--out benchmarks/CONVERT.md]
 
 Each conversion and each load runs in a fresh process; peak RSS is the kernel's high-water mark.
+
+    python benchmarks/convert_recipes.py --sudoku
+
+measures instead what the dtype kept by a conversion does to a trained model: top-1 agreement of
+the built-in Sudoku model's denoiser (float32) with its conversions, over noisy canvases.
 """
 
 from __future__ import annotations
@@ -20,13 +25,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# All in bfloat16, the real checkpoint's dtype (the random source is float32).
 RECIPES = {
-    "bfloat16": dict(),
-    "8-bit": dict(quantize=True, q_bits=8),
-    "6-bit": dict(quantize=True, q_bits=6),
-    "mixed_4_8": dict(recipe="mixed_4_8"),
-    "4-bit": dict(quantize=True, q_bits=4),
-    "mixed_3_6": dict(recipe="mixed_3_6"),
+    "bfloat16": dict(dtype="bfloat16"),
+    "8-bit": dict(dtype="bfloat16", quantize=True, q_bits=8),
+    "6-bit": dict(dtype="bfloat16", quantize=True, q_bits=6),
+    "mixed_4_8": dict(dtype="bfloat16", recipe="mixed_4_8"),
+    "4-bit": dict(dtype="bfloat16", quantize=True, q_bits=4),
+    "mixed_3_6": dict(dtype="bfloat16", recipe="mixed_3_6"),
+}
+# The Sudoku model is float32: each recipe with a bfloat16 cast first, and keeping float32 (the default).
+SUDOKU_RECIPES = {
+    "bfloat16": dict(dtype="bfloat16"),
+    "8-bit, bfloat16 cast": dict(dtype="bfloat16", quantize=True, q_bits=8),
+    "8-bit, float32 kept": dict(quantize=True, q_bits=8),
+    "mixed_4_8, bfloat16 cast": dict(dtype="bfloat16", recipe="mixed_4_8"),
+    "mixed_4_8, float32 kept": dict(recipe="mixed_4_8"),
+    "4-bit, bfloat16 cast": dict(dtype="bfloat16", quantize=True, q_bits=4),
+    "4-bit, float32 kept": dict(quantize=True, q_bits=4),
 }
 REAL_TEXT_CONFIG = dict(
     vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30, num_attention_heads=16,
@@ -96,7 +112,7 @@ def real_sizes() -> dict[str, float]:
     for name, kwargs in RECIPES.items():
         predicate = None
         if kwargs:
-            predicate, _ = make_predicate(kwargs.get("recipe", "uniform"), kwargs.get("q_bits", 4), 64)
+            predicate, _ = make_predicate(kwargs.get("recipe", "uniform"), kwargs.get("q_bits"), None)
         bits = 0.0
         for key, shape, size in params:
             path, _, leaf = key.rpartition(".")
@@ -106,13 +122,89 @@ def real_sizes() -> dict[str, float]:
     return sizes
 
 
+def sudoku_canvases(count: int, draws: int, seed: int = 0):
+    """Prompts and noisy solution canvases for 6x6 puzzles at every difficulty: each solution
+    (cells, then EOS) corrupted ``draws`` times as in training (a noise level per canvas)."""
+    import random
+
+    import mlx.core as mx
+
+    from mlx_diffgemma import sudoku
+    from mlx_diffgemma.train import corrupt
+
+    rng = random.Random(seed)
+    prompts, targets = [], []
+    for givens in sudoku.DIFFICULTIES[6].values():
+        for _ in range(count // len(sudoku.DIFFICULTIES[6])):
+            puzzle, solution = sudoku.generate_puzzle(givens, rng, 6)
+            prompts += [sudoku.prompt_ids(puzzle)] * draws
+            targets += [sudoku.completion_ids(solution) + [sudoku.EOS]] * draws
+    targets = mx.array(targets)
+    return mx.array(prompts), corrupt(targets, len(sudoku.VOCAB), mx.random.key(seed))
+
+
+def sudoku_logits(model, prompts, canvases, batch: int = 256):
+    """Denoiser logits without and with self-conditioning (on its own first pass)."""
+    import mlx.core as mx
+    import numpy as np
+
+    plain, conditioned = [], []
+    for start in range(0, prompts.shape[0], batch):
+        cache = model.make_cache()
+        model.encode(prompts[start : start + batch], cache)
+        canvas = canvases[start : start + batch]
+        first = model.denoise(canvas, cache)
+        second = model.denoise(canvas, cache, first)
+        mx.eval(first, second)
+        plain.append(np.array(first))
+        conditioned.append(np.array(second))
+    return np.concatenate(plain), np.concatenate(conditioned)
+
+
+def sudoku_table(count: int = 120, draws: int = 3) -> str:
+    import numpy as np
+
+    from mlx_diffgemma import sudoku
+    from mlx_diffgemma.convert import convert
+    from mlx_diffgemma.utils import load_model
+
+    prompts, canvases = sudoku_canvases(count, draws)
+    reference = sudoku_logits(load_model(sudoku.MODEL_DIR), prompts, canvases)
+    lines = [
+        f"{canvases.shape[0]} noisy canvases ({count} 6x6 puzzles, {draws} noise draws each, "
+        f"{canvases.size} positions); top-1 agreement with the float32 original, KL in brackets.",
+        "",
+        "| conversion | size on disk (KiB) | first pass | self-conditioned pass |",
+        "|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, kwargs in SUDOKU_RECIPES.items():
+            out = convert(sudoku.MODEL_DIR, Path(tmp) / name, progress=False, **kwargs)
+            approx = sudoku_logits(load_model(out), prompts, canvases)
+            cells = []
+            for ref, app in zip(reference, approx):
+                kl, agree = compare(ref, app)
+                cells.append(f"{100 * agree:.2f}% ({kl:.5f})")
+            size = sum(f.stat().st_size for f in out.glob("model-*.safetensors")) / 2**10
+            lines.append(f"| {name} | {size:.0f} | {' | '.join(cells)} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the Markdown table here too")
+    parser.add_argument("--sudoku", action="store_true", help="the dtype kept by conversion, on the trained Sudoku model")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return run_child(args.child[0], args.child[1:])
+    if args.sudoku:
+        table = sudoku_table()
+        print(table)
+        if args.out:
+            args.out.write_text(table + "\n")
+        return
     import numpy as np
     from random_checkpoint import write_random_checkpoint
 

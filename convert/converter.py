@@ -211,9 +211,10 @@ def checkpoint_dtype(source: Path, config: dict[str, Any], tensors: list[mx.arra
         if mx.issubdtype(value.dtype, mx.floating):
             counts[value.dtype] += value.size
     names = {v: k for k, v in DTYPES.items()}
-    if not counts or counts.most_common(1)[0][0] not in names:
+    most = counts.most_common(1)[0][0] if counts else None
+    if most not in names:
         raise CheckpointError(f"cannot tell the dtype of {source} from its config or weights; pass --dtype")
-    return names[counts.most_common(1)[0][0]]
+    return names[most]
 
 
 def output_config(config: dict[str, Any], dtype: str, quantization: dict[str, Any] | None) -> dict[str, Any]:
