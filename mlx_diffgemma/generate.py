@@ -111,11 +111,27 @@ class Canvas:
 
 
 def denoise_canvas(
-    model: Model, cache, index: int, batch_size: int, settings: DiffusionSettings, noise: Noise
+    model: Model, cache, index: int, batch_size: int, settings: DiffusionSettings, noise: Noise,
+    fixed: mx.array | None = None,
 ) -> Generator[Draft, None, tuple[mx.array, list[int]]]:
-    """Denoise one canvas; yields a draft per step, returns the argmax canvas and per-row passes."""
+    """Denoise one canvas; yields a draft per step, returns the argmax canvas and per-row passes.
+
+    ``fixed`` ``[B, C]`` clamps positions to token ids (``-1`` leaves a position free): they
+    start in the canvas, are never renoised, and are their own argmax. The entropy bound
+    and the stopping rule see only the free positions; self-conditioning sees, at a fixed
+    position, the model's own distribution or a one-hot of the token
+    (``settings.fixed_self_conditioning``).
+    """
     shape = (batch_size, settings.canvas_length)
-    canvas = noise.initial_canvas(index, shape)
+    free = None if fixed is None else fixed < 0
+
+    def clamp(tokens: mx.array) -> mx.array:
+        return tokens if free is None else mx.where(free, tokens, fixed).astype(tokens.dtype)
+
+    canvas = clamp(noise.initial_canvas(index, shape))
+    one_hot = None
+    if free is not None and settings.fixed_self_conditioning == "one_hot":
+        one_hot = mx.arange(model.args.vocab_size) == mx.maximum(fixed, 0)[..., None]  # read only where not free
     # What the next step self-conditions on: the previous step's logits, or, when the softmax
     # the model would take of them is exactly the sampler's (float32, full softmax), the
     # sampler's probabilities, so that the vocabulary is not exponentiated again.
@@ -133,7 +149,7 @@ def denoise_canvas(
                                sc if reuse_probs else None)
         scaled = logits / temperature(remaining, settings)
         sc = logits = None
-        new_argmax = scaled.argmax(axis=-1).astype(canvas.dtype)
+        new_argmax = clamp(scaled.argmax(axis=-1).astype(canvas.dtype))
         if held is not None:
             new_argmax = mx.where(done[:, None], argmax, new_argmax)
         if remaining == 1:  # the last step: only its argmax is committed, nothing else is used
@@ -143,12 +159,21 @@ def denoise_canvas(
             break
         uniform, noise_tokens = noise.step(index, step, shape)
         probs, token_entropy = distribution(scaled)
-        new_canvas = renoise(sample(probs, uniform), accept(token_entropy, settings.entropy_bound), noise_tokens)
+        if free is not None:  # fixed positions are certain: they take nothing from the entropy budget
+            token_entropy = mx.where(free, token_entropy, 0.0)
+        new_canvas = clamp(renoise(sample(probs, uniform), accept(token_entropy, settings.entropy_bound), noise_tokens))
         sc = probs if reuse_probs else scaled
+        if one_hot is not None:
+            point = one_hot.astype(sc.dtype) if reuse_probs else mx.where(one_hot, 0.0, -mx.inf).astype(sc.dtype)
+            sc = mx.where(free[..., None], sc, point)
         if held is not None:
             new_canvas = mx.where(done[:, None], canvas, new_canvas)
             sc = mx.where(done[:, None, None], held, sc)
-        confident = token_entropy.mean(axis=-1) < settings.confidence_threshold
+        if free is None:
+            mean_entropy = token_entropy.mean(axis=-1)
+        else:
+            mean_entropy = token_entropy.sum(axis=-1) / mx.maximum(free.sum(axis=-1), 1)
+        confident = mean_entropy < settings.confidence_threshold
         done = done | (is_stable(history, new_argmax, settings.stability_threshold) & confident)
         history = (history + [new_argmax])[-settings.stability_threshold :] if settings.stability_threshold else []
         canvas, argmax = new_canvas, new_argmax
@@ -165,6 +190,16 @@ def prefill(model: Model, input_ids: mx.array, cache, step_size: int = PREFILL_S
     for start in range(0, input_ids.shape[1], step_size):
         model.encode(input_ids[:, start : start + step_size], cache)
         mx.eval(cache.state())
+
+
+def _fixed_canvas(fixed: Sequence[Sequence[int | None]] | None, start: int, width: int) -> mx.array | None:
+    """Rows of fixed token ids (``-1`` where free) for the canvas at output position ``start``."""
+    if fixed is None:
+        return None
+    rows = [[-1 if t is None else t for t in row[start : start + width]] for row in fixed]
+    if all(t < 0 for row in rows for t in row):
+        return None
+    return mx.array([row + [-1] * (width - len(row)) for row in rows], dtype=mx.int32)
 
 
 def _commit(row: list[int], eos: set[int], budget: int, pad: int) -> tuple[list[int], str | None, int]:
@@ -191,11 +226,14 @@ def generate_step(
     noise: Noise,
     pad_token_id: int = 0,
     cache: DiffusionCache | None = None,
+    fixed: Sequence[Sequence[int | None]] | None = None,
 ) -> Iterator[Prefilled | Draft | Canvas]:
     """Generate for a batch of token-id prompts (left-padded); yields the end of prefill, drafts and committed canvases.
 
     With ``cache`` (one prompt), the prompt continues what the cache already holds. Committed
     canvases are encoded into the cache as the next one starts; the last one is not.
+    ``fixed`` gives per row a token id, or ``None`` for a free position, for the first
+    output positions (across canvases); the rest is free (``denoise_canvas``).
     """
     lengths = [len(p) for p in prompts]
     width = max(lengths)
@@ -216,7 +254,8 @@ def generate_step(
         if settings.short_final_canvas:
             wanted = max(b for b, r in zip(budgets, reasons) if r is None)
             canvas_settings = replace(settings, canvas_length=min(settings.canvas_length, wanted))
-        argmax, passes = yield from denoise_canvas(model, cache, index, len(prompts), canvas_settings, noise)
+        clamped = _fixed_canvas(fixed, index * settings.canvas_length, canvas_settings.canvas_length)
+        argmax, passes = yield from denoise_canvas(model, cache, index, len(prompts), canvas_settings, noise, clamped)
         new_tokens, valid = [], []
         for row, tokens in enumerate(argmax.tolist()):
             if reasons[row] is not None:  # finished earlier: its canvas is discarded
@@ -225,6 +264,8 @@ def generate_step(
                 passes[row] = 0
                 continue
             kept, reasons[row], count = _commit(tokens, eos, budgets[row], pad_token_id)
+            if clamped is not None:  # fixed tokens were not denoised: they do not count
+                count -= int((np.array(clamped[row, :count]) >= 0).sum())
             budgets[row] -= len(kept)
             new_tokens.append(kept)
             valid.append(count)

@@ -34,6 +34,9 @@ class DiffusionSettings:
     # position (their exact probabilities; the tail is dropped) instead of the whole softmax.
     # 0 is the reference's full product with the embedding table.
     self_conditioning_top_k: int = 0
+    # Not in the reference (which has no fixed tokens): what self-conditioning sees at a
+    # position clamped to a token, "one_hot" of that token or "model" (its own prediction).
+    fixed_self_conditioning: str = "one_hot"
 
     def __post_init__(self):
         checks = [
@@ -47,6 +50,7 @@ class DiffusionSettings:
             (isinstance(self.stability_threshold, int) and self.stability_threshold >= 0, "stability_threshold must be an integer >= 0"),
             (isinstance(self.self_conditioning_top_k, int) and self.self_conditioning_top_k >= 0,
              "self_conditioning_top_k must be an integer >= 0"),
+            (self.fixed_self_conditioning in ("one_hot", "model"), "fixed_self_conditioning must be 'one_hot' or 'model'"),
         ]
         for ok, message in checks:
             if not ok:

@@ -311,9 +311,13 @@ class Attempt:
     solved: bool
 
 
-def solve_stream(model, puzzles: list[list[int]], seed: int = 0, **settings: Any) -> Iterator[tuple[int, list[list[int]]] | list[Attempt]]:
+def solve_stream(model, puzzles: list[list[int]], seed: int = 0, clamp: bool = False,
+                 **settings: Any) -> Iterator[tuple[int, list[list[int]]] | list[Attempt]]:
     """Denoise a batch of puzzles with the standard sampler (the model's defaults unless
-    ``settings`` override them): yields ``(step, grids)`` drafts, then the attempts."""
+    ``settings`` override them): yields ``(step, grids)`` drafts, then the attempts.
+
+    With ``clamp``, the givens are fixed in the canvas (they are known cells of the
+    answer) and only the empty cells are denoised."""
     from .generate import Canvas, Draft, SeededNoise, generate_step, resolve_settings
 
     n = grid_size(model)
@@ -324,6 +328,7 @@ def solve_stream(model, puzzles: list[list[int]], seed: int = 0, **settings: Any
     events = generate_step(
         model, [prompt_ids(p) for p in puzzles], max_tokens=n * n, settings=resolved, eos_token_ids=[],
         noise=SeededNoise(model.args.vocab_size, seed), pad_token_id=PAD,
+        fixed=[[DIGIT0 + d if d else None for d in p] for p in puzzles] if clamp else None,
     )
     for event in events:
         if isinstance(event, Draft):
@@ -334,8 +339,8 @@ def solve_stream(model, puzzles: list[list[int]], seed: int = 0, **settings: Any
             return
 
 
-def solve(model, puzzles: list[list[int]], seed: int = 0, **settings: Any) -> list[Attempt]:
-    for event in solve_stream(model, puzzles, seed, **settings):
+def solve(model, puzzles: list[list[int]], seed: int = 0, clamp: bool = False, **settings: Any) -> list[Attempt]:
+    for event in solve_stream(model, puzzles, seed, clamp, **settings):
         if isinstance(event, list):
             return event
     raise RuntimeError("generation ended without a canvas")
