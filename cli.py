@@ -1,25 +1,43 @@
-"""The ``mlx-diffgemma`` command: a thin typer app over the library."""
+"""The mlx-diffgemma command: a thin typer app over the library."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
+
+from mlx_diffgemma.convert import MODES, describe_mode
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
 DEFAULT_MAX_TOKENS = 512
 
+# Plain help (rich_markup_mode=None): rich's panels would give every flag a <bool> placeholder
+# and read "[plot]" as markup.
 app = typer.Typer(
     help="Run Google's DiffusionGemma text diffusion model locally with MLX.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},
 )
 
-ModelOption = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub id (org/name) or local folder of a DiffusionGemma checkpoint.")
-MaxTokens = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", help="Most tokens to generate (in canvases of the model's canvas length).")
+ModelOption = typer.Option(
+    None, "--model", "-m", show_default=False,
+    help=f"Hub id (org/name) or local folder of a DiffusionGemma checkpoint (default: {DEFAULT_MODEL}).")
+ModelOrBase = typer.Option(
+    None, "--model", "-m", show_default=False,
+    help="Hub id (org/name) or local folder of a DiffusionGemma checkpoint (default: the base model recorded with "
+    f"--adapter-path's adapters, else {DEFAULT_MODEL}).")
+MaxTokens = typer.Option(
+    None, "--max-tokens", show_default=False,
+    help=f"Most tokens to generate, in canvases of the model's canvas length (default: {DEFAULT_MAX_TOKENS}, "
+    "or as many as the model's context still holds if fewer).")
 Steps = typer.Option(None, "--steps", help="Most denoising steps per canvas (default: the checkpoint's, else 48).")
 EntropyBound = typer.Option(None, "--entropy-bound", help="Entropy budget for accepting tokens per step; higher accepts more (default 0.1).")
 TMin = typer.Option(None, "--t-min", help="Temperature at the last denoising step (default 0.4).")
@@ -33,8 +51,18 @@ ScTopK = typer.Option(
 AdapterPath = typer.Option(None, "--adapter-path", help="LoRA adapters from 'finetune --lora' to apply.")
 
 
+def show_version(value: bool) -> None:
+    if value:
+        from mlx_diffgemma import __version__
+
+        typer.echo(f"mlx-diffgemma {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main():
+def main(
+    version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True, help="Print the version and exit."),
+):
     """Run Google's DiffusionGemma text diffusion model locally with MLX."""
 
 
@@ -43,15 +71,31 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def load_or_fail(model: str, sharded: bool = False, adapter_path: str | None = None):
+def resolve_model(model: str | None, adapter_path: str | None = None) -> str:
+    """--model; else the base model recorded with the adapters; else the default model."""
+    if model is None and adapter_path is not None:
+        from mlx_diffgemma.utils import read_adapter_config
+
+        try:
+            model = read_adapter_config(Path(adapter_path)).get("base_model")
+        except ValueError as e:
+            fail(str(e))
+    return model or DEFAULT_MODEL
+
+
+def load_or_fail(model: str, sharded: bool = False, adapter_path: str | None = None, console: Console | None = None):
     """Load, or exit with a one-line error. With ``sharded`` and several ranks (under
-    ``mlx.launch``), each rank loads its slice of the model."""
+    ``mlx.launch``), each rank loads its slice of the model. With a ``console``, a spinner
+    shows while loading; it is cleared before any error is printed."""
+    from contextlib import nullcontext
+
     import mlx.core as mx
 
     from mlx_diffgemma import load
 
     try:
-        return load(model, group=mx.distributed.init() if sharded else None, adapter_path=adapter_path)
+        with console.status(f"Loading {model} ...") if console else nullcontext():
+            return load(model, group=mx.distributed.init() if sharded else None, adapter_path=adapter_path)
     except (ValueError, OSError) as e:
         fail(f"cannot load {model}: {e}")
 
@@ -75,16 +119,17 @@ def lead_or_follow(model_obj, tokenizer):
 
 @app.command()
 def generate(
-    prompt: Optional[str] = typer.Argument(None, help="The prompt; read from standard input when omitted or '-'."),
-    model: str = ModelOption,
-    max_tokens: int = MaxTokens,
+    prompt: Optional[str] = typer.Argument(
+        None, help="The prompt; read from standard input when omitted or '-' (one trailing newline, as echo adds, is dropped)."),
+    model: Optional[str] = ModelOrBase,
+    max_tokens: Optional[int] = MaxTokens,
     steps: Optional[int] = Steps,
     entropy_bound: Optional[float] = EntropyBound,
     t_min: Optional[float] = TMin,
     t_max: Optional[float] = TMax,
     canvas_length: Optional[int] = CanvasLength,
     seed: Optional[int] = Seed,
-    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template (needed for a model without one)."),
     stats: bool = typer.Option(False, "--stats", help="Print speed and denoising statistics to standard error."),
     short_final_canvas: bool = typer.Option(
         False, "--short-final-canvas",
@@ -94,24 +139,27 @@ def generate(
 ):
     """Answer one prompt and print the reply as it is committed, canvas by canvas.
 
-    Under ``mlx.launch`` every rank holds a slice of the model and rank 0 prints.
+    Under mlx.launch every rank holds a slice of the model and rank 0 prints.
     """
     import mlx.core as mx
 
     from mlx_diffgemma import stream_generate
+    from mlx_diffgemma.generate import prepare_prompt
+    from mlx_diffgemma.repl import fit_context
 
     if prompt is None or prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = sys.stdin.read().removesuffix("\n")
     if not prompt.strip():
         fail("empty prompt")
+    model = resolve_model(model, adapter_path)
     model_obj, tokenizer = load_or_fail(model, sharded=True, adapter_path=adapter_path)
     rank0 = mx.distributed.init().rank() == 0
     echo = print if rank0 else (lambda *args, **kwargs: None)  # only rank 0 writes the reply
-    request = prompt if raw else [{"role": "user", "content": prompt}]
     last = None
     try:
-        for last in stream_generate(
-            model_obj, tokenizer, request, max_tokens, steps=steps, entropy_bound=entropy_bound,
+        ids = prepare_prompt(tokenizer, prompt if raw else [{"role": "user", "content": prompt}])
+        for last in fit_context(stream_generate, DEFAULT_MAX_TOKENS)(
+            model_obj, tokenizer, ids, max_tokens, steps=steps, entropy_bound=entropy_bound,
             t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed, short_final_canvas=short_final_canvas,
             self_conditioning_top_k=sc_top_k,
         ):
@@ -130,9 +178,9 @@ def generate(
 
 @app.command()
 def chat(
-    model: str = ModelOption,
+    model: Optional[str] = ModelOrBase,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
-    max_tokens: int = MaxTokens,
+    max_tokens: Optional[int] = MaxTokens,
     steps: Optional[int] = Steps,
     entropy_bound: Optional[float] = EntropyBound,
     t_min: Optional[float] = TMin,
@@ -145,22 +193,24 @@ def chat(
 ):
     """Chat in the terminal; each canvas is shown denoising live. /help lists the commands.
 
-    Under ``mlx.launch`` every rank holds a slice of the model; rank 0 reads your messages.
+    Under mlx.launch every rank holds a slice of the model; rank 0 reads your messages.
     """
     from rich.console import Console
 
     from mlx_diffgemma import stream_generate
-    from mlx_diffgemma.repl import run_chat
+    from mlx_diffgemma.repl import fit_context, run_chat
 
     console = Console(highlight=False)
-    with console.status(f"Loading {model} ..."):
-        model_obj, tokenizer = load_or_fail(model, sharded=True, adapter_path=adapter_path)
+    model = resolve_model(model, adapter_path)
+    model_obj, tokenizer = load_or_fail(model, sharded=True, adapter_path=adapter_path, console=console)
+    if not tokenizer.has_chat_template:
+        fail(f"{model} has no chat template, so it cannot chat; 'mlx-diffgemma generate --raw' sends it plain text")
     lockstep = lead_or_follow(model_obj, tokenizer)
     try:
         run_chat(
             model_obj, tokenizer, system=system, draft=not no_draft, console=console,
-            generator=lockstep.stream if lockstep else stream_generate, sharded=lockstep is not None,
-            max_tokens=max_tokens,
+            generator=fit_context(lockstep.stream if lockstep else stream_generate, DEFAULT_MAX_TOKENS),
+            sharded=lockstep is not None, max_tokens=max_tokens,
             steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed,
             self_conditioning_top_k=sc_top_k,
         )
@@ -171,7 +221,7 @@ def chat(
 
 @app.command()
 def bench(
-    model: str = ModelOption,
+    model: Optional[str] = ModelOption,
     prompt_tokens: str = typer.Option("128,1024", "--prompt-tokens", help="Comma-separated prompt lengths to measure."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Tokens generated per measurement."),
     steps: Optional[int] = Steps,
@@ -205,6 +255,7 @@ def bench(
             fail(f"--plot: folder {plot.parent} does not exist")
         if importlib.util.find_spec("matplotlib") is None:
             fail("--plot needs matplotlib: pip install 'mlx-diffgemma[plot]'")
+    model = resolve_model(model)
     model_obj, tokenizer = load_or_fail(model)
     try:
         settings = resolve_settings(model_obj, steps=steps, canvas_length=canvas_length, self_conditioning_top_k=sc_top_k)
@@ -231,7 +282,7 @@ def bench(
 
 @app.command()
 def serve(
-    model: str = ModelOption,
+    model: Optional[str] = ModelOrBase,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the server to your network."),
     port: int = typer.Option(1234, "--port", help="Port to listen on."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1/ requests."),
@@ -239,14 +290,15 @@ def serve(
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
-    Under ``mlx.launch`` every rank holds a slice of the model; rank 0 serves.
+    Under mlx.launch every rank holds a slice of the model; rank 0 serves.
     """
     from mlx_diffgemma.server import serve as run_server
 
+    model = resolve_model(model, adapter_path)
     model_obj, tokenizer = load_or_fail(model, sharded=True, adapter_path=adapter_path)
     lockstep = lead_or_follow(model_obj, tokenizer)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        typer.secho(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
+        typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     run_server(model_obj, tokenizer, model, host=host, port=port, api_key=api_key, lockstep=lockstep)
 
 
@@ -254,34 +306,34 @@ def serve(
 def convert(
     hf_path: str = typer.Option(..., "--hf-path", help="Folder or hub id of the original checkpoint."),
     mlx_path: str = typer.Option(..., "--mlx-path", help="Output folder (created; must be empty unless --force)."),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="Weight dtype: bfloat16, float16 or float32."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="Weight dtype: bfloat16, float16 or float32 (default: the checkpoint's own)."),
     quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize (the uniform recipe unless --recipe)."),
-    q_bits: Optional[int] = typer.Option(None, "--q-bits", help="Bits per weight for uniform quantization: 2, 3, 4, 5, 6 or 8 (default 4)."),
-    q_group_size: int = typer.Option(64, "--q-group-size", help="Weights per quantization group: 32, 64 or 128."),
-    q_mode: str = typer.Option("affine", "--q-mode", help="Quantization mode: affine, mxfp4, mxfp8 or nvfp4."),
+    q_bits: Optional[int] = typer.Option(None, "--q-bits", help="Bits per weight for uniform quantization (default: the mode's)."),
+    q_group_size: Optional[int] = typer.Option(None, "--q-group-size", help="Weights per quantization group (default: the mode's)."),
+    q_mode: str = typer.Option("affine", "--q-mode", help=f"Quantization mode: {'; '.join(describe_mode(m) for m in MODES)}."),
     recipe: Optional[str] = typer.Option(
         None, "--recipe", help="uniform, or mixed_L_H (mixed_4_8 = the community 4-bit layout: experts at L bits; "
         "embeddings, attention, dense MLP and router at H bits). Implies -q."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
 ):
     """Convert a checkpoint to MLX format, optionally quantized, shard by shard."""
-    from mlx_diffgemma.convert import RecipeError
     from mlx_diffgemma.convert import convert as run_convert
 
     try:
         out = run_convert(hf_path, mlx_path, dtype=dtype, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
                           q_mode=q_mode, recipe=recipe, force=force)
-    except (RecipeError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # RecipeError and CheckpointError among them
         fail(str(e))
     except KeyboardInterrupt:
-        typer.secho("interrupted: nothing was written", fg=typer.colors.RED, err=True)
+        typer.echo("interrupted: nothing was written", err=True)
         raise typer.Exit(130)
     typer.echo(f"wrote {out}")
 
 
 @app.command()
 def finetune(
-    model: str = ModelOption,
+    model: Optional[str] = ModelOption,
     data: str = typer.Option(..., "--data", help="JSONL of {prompt, completion} (or {messages}) lines, or a folder with train.jsonl and valid.jsonl."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Where checkpoints go (default: adapters with --lora, else finetuned)."),
     lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters on the attention and dense-MLP projections instead of every weight."),
@@ -323,6 +375,7 @@ def finetune(
     out = Path(output or ("adapters" if lora else "finetuned"))
     if out.exists() and not resume and any(out.iterdir()):
         fail(f"{out} is not empty; pass --resume to continue its run, or choose another --output")
+    model = resolve_model(model)
     model_obj, tokenizer = load_or_fail(model)
     try:
         train_set, val_set = load_datasets(Path(data), tokenizer)
@@ -353,7 +406,7 @@ def finetune(
     except (CheckpointError, ValueError) as e:
         fail(str(e))
     except KeyboardInterrupt:
-        typer.secho(f"interrupted: the last checkpoint in {out} is intact (--resume continues it)", err=True)
+        typer.echo(f"interrupted: the last checkpoint in {out} is intact (--resume continues it)", err=True)
         raise typer.Exit(130)
     typer.echo(f"saved {out}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -14,15 +15,53 @@ from rich.live import Live
 from rich.text import Text
 
 from .chat import ChatSession, split_reply
-from .generate import GenerationResponse, stream_generate
+from .generate import GenerationResponse, fitting_tokens, resolve_settings, stream_generate
 
 HELP = """Commands:
   /reset           forget the conversation
   /system <text>   set the system prompt (starts a new conversation)
   /stats           speed and denoising statistics of the last reply
   /save <file>     write the conversation as JSON
+  /help            this list
   /exit            quit (or Ctrl-D)
 Ctrl-C stops a reply at its next update (twice: at once); the conversation keeps what was said."""
+# Terminal control characters (C0 but newline and tab, DEL, C1): model output could move the
+# cursor, recolour or clear the screen, or ring the bell with them.
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+Generator = Callable[..., Iterator[GenerationResponse]]
+
+
+class ContextFull(ValueError):
+    """The model's context has no room left for the reply asked for."""
+
+
+def fit_context(generator: Generator, default_max_tokens: int) -> Generator:
+    """``generator`` (``stream_generate`` or ``Lockstep.stream``, on token ids) where
+    ``max_tokens=None`` is ``default_max_tokens``, or fewer when the context holds fewer after
+    the prompt; a reply that cannot fit is refused with ``ContextFull``."""
+
+    def stream(model, tokenizer, prompt: list[int], max_tokens: int | None = None, *, canvas_length: int | None = None,
+               **options: Any) -> Iterator[GenerationResponse]:
+        canvas = resolve_settings(model, canvas_length=canvas_length).canvas_length
+        room = fitting_tokens(model, len(prompt), canvas)
+        if max_tokens is None:
+            max_tokens = min(default_max_tokens, room)
+        if room == 0 or max_tokens > room:
+            raise ContextFull(
+                f"{len(prompt)} prompt tokens leave room for {room} of the {max_tokens or canvas} new tokens asked for "
+                f"(the model's context is {model.args.max_position_embeddings} tokens, filled in canvases of {canvas})")
+        return generator(model, tokenizer, prompt, max_tokens=max_tokens, canvas_length=canvas_length, **options)
+
+    return stream
+
+
+def printable(text: str) -> str:
+    """``text`` with terminal control characters shown escaped (``\\x1b``) instead of acted on."""
+    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def format_stats(r: GenerationResponse) -> str:
@@ -41,11 +80,11 @@ def render(committed: str, draft: str | None = None) -> Group:
     reply = split_reply(committed)
     parts = []
     if reply.reasoning:
-        parts.append(Text(reply.reasoning, style="dim italic"))
-    parts.append(Text(reply.answer))
-    parts += [Text(f"[tool call] {call}", style="cyan") for call in reply.tool_calls]
+        parts.append(Text(printable(reply.reasoning), style="dim italic"))
+    parts.append(Text(printable(reply.answer)))
+    parts += [Text(f"[tool call] {printable(call)}", style="cyan") for call in reply.tool_calls]
     if draft is not None:
-        parts.append(Text(split_reply(draft).answer, style="dim"))
+        parts.append(Text(printable(split_reply(draft).answer), style="dim"))
     return Group(*parts)
 
 
@@ -78,12 +117,17 @@ class Repl:
             else:
                 try:
                     Path(arg).expanduser().write_text(json.dumps(self.session.messages, indent=2, ensure_ascii=False))
-                    self.console.print(f"[dim]saved {len(self.session.messages)} messages to {arg}[/dim]")
+                    self.console.print(f"saved {plural(len(self.session.messages), 'message')} to {arg}", style="dim", markup=False)
                 except OSError as e:
-                    self.console.print(f"cannot save: {e}", style="red")
-        else:
+                    self.error(f"cannot save: {e}")
+        elif name == "/help":
             self.console.print(HELP, markup=False)
+        else:
+            self.error(f"unknown command {printable(name)}; /help lists the commands")
         return True
+
+    def error(self, message: str) -> None:
+        self.console.print(f"error: {message}", style="red", markup=False, soft_wrap=True)
 
     def reply(self, text: str) -> bool:
         """Stream a reply; False means exit. Ctrl-C stops it at the next update (draft or
@@ -111,8 +155,11 @@ class Repl:
             self.console.print(Text("[interrupted; Ctrl-C ends a sharded chat]" if self.sharded else "[interrupted]",
                                     style="dim"))
             return not self.sharded
+        except ContextFull as e:
+            self.error(f"the context is full: {e}; /reset starts a new conversation")
+            return True
         except ValueError as e:
-            self.console.print(f"error: {e}", style="red", markup=False)
+            self.error(str(e))
             return True
         finally:
             if main:
@@ -148,8 +195,7 @@ class Repl:
 
 
 def run_chat(model, tokenizer, *, system: str | None, draft: bool, console: Console | None = None,
-             generator: Callable[..., Iterator[GenerationResponse]] = stream_generate, sharded: bool = False,
-             **options: Any) -> None:
+             generator: Generator = stream_generate, sharded: bool = False, **options: Any) -> None:
     console = console or Console(highlight=False)
     session = ChatSession(model, tokenizer, system=system, generator=generator, **options)
     Repl(session, console, draft=draft, sharded=sharded).run()

@@ -1,6 +1,8 @@
 """Chat: reply formatting, cache reuse across turns, and the real terminal REPL in a pseudo-terminal."""
 
+import io
 import json
+import re
 import shutil
 import sys
 import time
@@ -9,8 +11,11 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from rich.console import Console
+
 from mlx_diffgemma import generate, load
 from mlx_diffgemma.chat import ChatSession, split_reply
+from mlx_diffgemma.repl import render
 
 CLI = str(Path(__file__).parents[1] / "cli.py")
 FAST = dict(max_tokens=24, steps=3)
@@ -82,8 +87,33 @@ def spawn_chat(checkpoint, *args):
     return child
 
 
-def test_chat_repl_turns_stats_reset_too_long_and_ctrl_d(small_context_checkpoint, tmp_path):
+def test_model_output_cannot_drive_the_terminal():
+    console = Console(file=io.StringIO(), force_terminal=True, color_system=None, width=200)
+    console.print(render("<|channel>thought\nhm\x1b]0;x\x07<channel|>Hi\x1b[2J\rthere\x08\x9b!\n\tok<|tool_call>call:f{\x1b[31m}",
+                         draft="more\x1b[H\x00"))
+    out = console.file.getvalue()
+    assert not any(c in out for c in "\x1b\x07\r\x08\x9b\x00")
+    assert "Hi\\x1b[2J\\rthere\\x08\\x9b!\n" in out and "more\\x1b[H\\x00" in out  # newlines kept (tabs: rich expands them)
+
+
+def test_chat_repl_turns_stats_reset_context_full_commands_and_ctrl_d(small_context_checkpoint, tmp_path):
     child = spawn_chat(small_context_checkpoint, "--max-tokens", "24", "--steps", "3", "--seed", "0")
+    child.sendline("/bogus")
+    child.expect("error: unknown command /bogus; /help lists the commands")
+    child.expect(">>> ")
+    child.sendline("/help")
+    child.expect("/save <file>")
+    child.expect(">>> ")
+    child.sendline("/system Be brief.")
+    child.expect(">>> ")
+    child.sendline(f"/save {tmp_path / 'system.json'}")
+    child.expect("saved 1 message to")
+    child.expect(">>> ")
+    child.sendline(f"/save {tmp_path / 'no-such-folder' / 'x.json'}")
+    child.expect("error: cannot save: ")
+    child.expect(">>> ")
+    child.sendline("/system")
+    child.expect(">>> ")
     child.sendline("Hello world")
     child.expect(">>> ")
     child.sendline("/stats")
@@ -93,7 +123,7 @@ def test_chat_repl_turns_stats_reset_too_long_and_ctrl_d(small_context_checkpoin
     child.sendline("How are you today?")
     child.expect(">>> ")
     child.sendline(" ".join(["quick brown fox"] * 80))
-    child.expect("prompt too long")
+    child.expect("error: the context is full: .* /reset starts a new conversation")
     child.expect(">>> ")
     transcript = tmp_path / "chat.json"
     child.sendline(f"/save {transcript}")
@@ -140,3 +170,39 @@ def test_ctrl_c_stops_a_reply_and_the_session_goes_on(hf_checkpoint, tmp_path):
     messages = json.loads(transcript.read_text())
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert messages[2]["content"] == "And another one"
+
+
+def test_default_max_tokens_fit_each_turn_until_the_context_is_full(small_context_checkpoint):
+    # 200 tokens of context, canvases of 16: the default 512 fits no turn, but each turn gets what is left.
+    child = spawn_chat(small_context_checkpoint, "--steps", "2", "--seed", "0", "--no-draft")
+    for _ in range(20):
+        child.sendline("Hello world")
+        if child.expect([">>> ", "the context is full"]) == 1:
+            break
+        child.sendline("/stats")
+        child.expect(r"generation: \d+ tokens")
+        child.expect(">>> ")
+    else:
+        pytest.fail("the context never filled")
+    child.expect("/reset starts a new conversation")
+    child.expect(">>> ")
+    child.sendline("/reset")
+    child.expect(">>> ")
+    child.sendline("Hello world")
+    child.expect(">>> ")
+    assert "error" not in child.before
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+
+
+def test_a_failed_load_clears_the_spinner_before_the_error(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    child = pexpect.spawn(sys.executable, [CLI, "chat", "-m", str(tmp_path)], encoding="utf-8", timeout=120,
+                          dimensions=(40, 120))
+    child.expect(pexpect.EOF)
+    child.close()
+    out = child.before
+    assert child.exitstatus == 1
+    # The spinner's last frame is drawn and erased (cursor up, erase line) before the error is written.
+    assert out.rindex("Loading") < out.rindex("\x1b[2K") < out.index("error: cannot load")
+    assert re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out).strip().splitlines()[-1].startswith("error: cannot load")

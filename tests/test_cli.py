@@ -1,0 +1,152 @@
+"""The mlx-diffgemma command: version, help text, one-line errors, defaults that fit the model."""
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import mlx_diffgemma
+from mlx_diffgemma.command.cli import app
+from mlx_diffgemma.convert import MODES, describe_mode
+
+SUDOKU_MODEL = str(Path(mlx_diffgemma.__file__).parent / "sudoku_model")  # 512-token context, canvas 37, no chat template
+COMMANDS = [[], ["generate"], ["chat"], ["bench"], ["serve"], ["convert"], ["finetune"], ["demo"], ["demo", "sudoku"]]
+PLAIN = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+
+
+def invoke(*args: str, input: str | None = None):
+    return CliRunner().invoke(app, list(args), input=input, env=PLAIN)
+
+
+def one_error_line(result) -> str:
+    """The output of a command that failed as it should: exit status 1, one line, no traceback."""
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and "Traceback" not in result.output
+    return lines[0]
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.output.strip() == f"mlx-diffgemma {mlx_diffgemma.__version__}"
+
+
+def test_help_text_has_no_flag_placeholders_or_markup():
+    helps = {}
+    for command in COMMANDS:
+        result = invoke(*command, "--help")
+        assert result.exit_code == 0, result.output
+        helps[" ".join(command)] = " ".join(result.output.split())  # whitespace unwrapped
+    for name, text in helps.items():
+        assert "<bool>" not in text and "BOOLEAN" not in text and "``" not in text, name
+    assert "--raw Send the prompt" in helps["generate"] and "--version Print the version" in helps[""]
+    assert "pip install 'mlx-diffgemma[plot]'" in helps["bench"]
+    assert "one trailing newline, as echo adds, is dropped" in helps["generate"]
+    assert "default: the checkpoint's own" in helps["convert"]
+    assert all(describe_mode(mode) in helps["convert"] for mode in MODES)
+    assert "--cors-origin" in helps["serve"] and "localhost" in helps["serve"]
+
+
+def test_interrupted_messages_are_plain_like_the_rest(monkeypatch, tmp_path):
+    import mlx_diffgemma.convert
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlx_diffgemma.convert, "convert", interrupted)
+    result = CliRunner().invoke(app, ["convert", "--hf-path", "a", "--mlx-path", str(tmp_path / "b")], color=True)
+    assert result.exit_code == 130
+    assert result.output == "interrupted: nothing was written\n"  # no colour: not an error, as in finetune
+
+
+def test_convert_leaves_unset_flags_to_the_library(monkeypatch, tmp_path, hf_checkpoint):
+    import mlx_diffgemma.convert
+
+    calls = []
+    monkeypatch.setattr(mlx_diffgemma.convert, "convert", lambda *args, **kwargs: calls.append(kwargs) or Path("out"))
+    assert invoke("convert", "--hf-path", "a", "--mlx-path", "b").exit_code == 0
+    assert calls[0]["dtype"] is None and calls[0]["q_bits"] is None and calls[0]["q_group_size"] is None
+    monkeypatch.undo()
+    line = one_error_line(invoke("convert", "--hf-path", str(hf_checkpoint), "--mlx-path", str(tmp_path / "o"),
+                                 "--q-group-size", "32"))
+    assert line == "error: --q-group-size needs -q (or --recipe)"
+    assert not (tmp_path / "o").exists()
+
+
+def test_default_max_tokens_fit_the_context_and_a_given_one_that_does_not_is_refused():
+    result = invoke("generate", "--model", SUDOKU_MODEL, "--raw", "--seed", "0", "--steps", "4", "123456")
+    assert result.exit_code == 0, result.output  # 512 new tokens would not fit after the prompt: 481 do
+    line = one_error_line(invoke("generate", "--model", SUDOKU_MODEL, "--raw", "--max-tokens", "600", "123456"))
+    assert "7 prompt tokens leave room for 481 of the 600 new tokens" in line and "context is 512 tokens" in line
+
+
+@pytest.mark.parametrize("stdin, prompt_tokens", [("123456\n", 7), ("123456\n\n", 8), ("123456", 7)])
+def test_raw_prompt_from_stdin_loses_one_trailing_newline(stdin, prompt_tokens):
+    # The Sudoku tokenizer has one token per character, newline included, after <bos>.
+    result = invoke("generate", "--model", SUDOKU_MODEL, "--raw", "--stats", "--max-tokens", "1", "--steps", "1", "-",
+                    input=stdin)
+    assert result.exit_code == 0, result.output
+    assert f"prompt: {prompt_tokens} tokens" in result.output
+
+
+def test_a_model_without_chat_template_says_so_in_one_line():
+    line = one_error_line(invoke("generate", "--model", SUDOKU_MODEL, "123456"))
+    assert "no chat template" in line and "--raw" in line
+    line = one_error_line(invoke("chat", "--model", SUDOKU_MODEL, input="hello\n"))
+    assert "no chat template" in line and "generate --raw" in line
+
+
+def write_adapter_config(folder: Path, base_model: str) -> Path:
+    folder.mkdir()
+    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 20.0, "dropout": 0.0},
+              "base_model": base_model}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_adapters_load_onto_their_recorded_base_model_unless_model_is_given(tmp_path):
+    missing_base = str(tmp_path / "base-that-was-moved")
+    adapters = write_adapter_config(tmp_path / "adapters", missing_base)
+    for command in (["generate", "--raw", "123456"], ["chat"], ["serve", "--port", "0"]):
+        line = one_error_line(invoke(*command, "--adapter-path", str(adapters)))
+        assert line.startswith(f"error: cannot load {missing_base}: "), line
+    # An explicit --model wins: it loads, and the adapters (config only, no weights) are what fails.
+    line = one_error_line(invoke("generate", "--raw", "123456", "--model", SUDOKU_MODEL, "--adapter-path", str(adapters)))
+    assert line.startswith(f"error: cannot load {SUDOKU_MODEL}: ") and "has no adapters" in line
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=["truncated shard", "malformed index"])
+def damaged_checkpoint(request, hf_checkpoint, tmp_path_factory):
+    """The tiny sharded checkpoint with one file damaged; yields the folder and the damaged file's name."""
+    path = tmp_path_factory.mktemp("damaged") / "model"
+    shutil.copytree(hf_checkpoint, path)
+    if request.param == "truncated shard":
+        victim = sorted(path.glob("model-*.safetensors"))[1]
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    else:
+        victim = path / "model.safetensors.index.json"
+        victim.write_text("{not json")
+    return path, victim.name
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "convert"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(damaged_checkpoint, command, tmp_path):
+    path, victim = damaged_checkpoint
+    args = {
+        "generate": ["generate", "--model", str(path), "hello"],
+        "chat": ["chat", "--model", str(path)],
+        "serve": ["serve", "--model", str(path), "--port", str(free_port())],
+        "convert": ["convert", "--hf-path", str(path), "--mlx-path", str(tmp_path / "out")],
+    }[command]
+    line = one_error_line(invoke(*args, input=""))
+    assert victim in line
