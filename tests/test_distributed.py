@@ -20,10 +20,24 @@ from mlx_diffgemma.utils import load_model
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
+def free_port(count: int = 4) -> int:
+    """A port from which ``count`` consecutive ports are free: each ring rank binds its own."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            start = s.getsockname()[1]
+        if start + count < 65536 and all(_bindable(start + i) for i in range(count)):
+            return start
+    raise RuntimeError("no run of free ports")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 LAUNCHER = Path(sys.executable).parent / "mlx.launch"
