@@ -1,39 +1,79 @@
 """An OpenAI-compatible HTTP server (``mlx-diffgemma serve``), as LM Studio offers.
 
-One model, loaded once. Requests are served in arrival order by a single worker thread
-(MLX is driven from that thread only) while the event loop keeps answering ``/health``
-and ``/v1/models``. A client that goes away stops its generation. The worker keeps one
+One model, loaded once. Requests are served in arrival order by a single worker thread:
+MLX and the tokenizer (chat template included) are driven from that thread only, while
+the event loop keeps answering ``/health`` and ``/v1/models``. A client that goes away,
+streamed or not, stops its generation within one denoising step. The worker keeps one
 ``PromptCache``, so the next turn of a conversation encodes only what is new. Under
-``mlx.launch`` rank 0 serves and the other ranks follow each request (``Lockstep``).
+``mlx.launch`` rank 0 serves and the other ranks follow each request (``Lockstep``). If
+the worker thread dies, ``/health`` answers 503 and so does every new request.
+
+Accepted: ``POST /v1/chat/completions`` and ``/v1/completions`` with an
+``application/json`` body (any charset) of at most ``MAX_BODY_BYTES``. Messages may be
+``system``, ``developer`` (as system), ``user``, ``assistant`` (``content`` null or absent
+when it carries ``tool_calls``; their ``arguments`` may be a JSON string) and ``tool``
+(answering an earlier call by ``tool_call_id``); content is a string or a list of text
+parts. ``tools`` go to the chat template. ``n`` (1 to ``MAX_CHOICES``) choices are
+denoised as one batch, choice ``i`` with seed ``seed + i``. ``max_tokens`` beyond the
+context is clamped to what fits and the reply ends with ``finish_reason: "length"``.
 
 ``temperature`` maps onto DiffusionGemma's schedule: ``t_max = temperature`` and
 ``t_min = temperature / 2`` (the default 0.8 -> 0.4 shape); ``temperature = 0`` is
 near-greedy (1e-4). Model-specific extras may be passed in the body: ``steps``,
 ``entropy_bound``, ``t_min``, ``t_max``, ``canvas_length``, ``self_conditioning_top_k``.
+
+Refused, always in OpenAI's error shape: a body that is not JSON (415 for another or no
+content type, 413 above the size limit, 400 for malformed or deeply nested JSON), fields
+of the wrong type or range, unknown roles, non-text content parts, a tool message that
+answers no earlier call, a prompt that leaves no room to generate, and sampler fields
+DiffusionGemma cannot honour (``top_p``, ``top_k``, ``logprobs``, penalties, ...) at any
+value but their neutral one. Unknown routes and methods answer 404 and 405.
+
+Browsers: CORS is allowed for ``cors_origins`` (``"*"`` for any); by default only for
+pages served from localhost, 127.0.0.1 or [::1], so other web pages cannot drive the model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import hmac
 import json
+import logging
 import queue
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
-from .chat import split_reply
+from .generate import (GenerationResponse, PromptCache, check_request, fitting_tokens, prepare_prompt, random_seed,
+                       resolve_settings, stream_batch_generate, stream_generate)
 from .lockstep import Lockstep
-from .generate import GenerationResponse, PromptCache, check_request, prepare_prompt, resolve_settings, stream_generate
 from .model import Model
+from .tools import RequestError, openai_tools, parse_arguments
+
+logger = logging.getLogger(__name__)
 
 GREEDY_TEMPERATURE = 1e-4
 EXTRA_SETTINGS = ("steps", "entropy_bound", "t_min", "t_max", "canvas_length", "self_conditioning_top_k")
+MAX_BODY_BYTES = 32 * 2**20
+MAX_JSON_DEPTH = 64
+MAX_CHOICES = 8
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# Sampler fields DiffusionGemma has no counterpart for: accepted only at the value that changes nothing.
+NEUTRAL = {"top_p": (1,), "top_k": (0, -1), "min_p": (0,), "presence_penalty": (0,), "frequency_penalty": (0,),
+           "repetition_penalty": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},)}
+LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]+)?"
 
 
 class APIError(Exception):
@@ -41,24 +81,43 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
-        return JSONResponse(body, status_code=self.status)
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def worker_died() -> APIError:
+    return APIError(503, "the generation thread has stopped; restart the server", kind="server_error")
+
+
+@dataclass
+class Accepted:
+    """The worker took a request: its prompt fits and generation starts."""
+
+    prompt_tokens: int
+
+
+Event = Accepted | GenerationResponse | Exception | None
 
 
 @dataclass
 class Job:
-    """One request for the worker; events flow back to the event loop through ``emit``."""
+    """One request for the worker; events flow back to the event loop through ``emit``
+    (``Accepted`` or an ``APIError`` first, then responses, then ``None``)."""
 
-    ids: list[int]
+    prompt: str | list[dict[str, Any]]
     options: dict[str, Any]
-    emit: Callable[[GenerationResponse | Exception | None], None]
+    emit: Callable[[Event], None]
+    n: int = 1
+    tools: list[dict[str, Any]] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 class Worker:
-    """The single thread that runs MLX. With ``lockstep`` (a sharded model under
-    ``mlx.launch``) the other ranks follow each job and are released on ``stop``."""
+    """The single thread that runs MLX and the tokenizer. With ``lockstep`` (a sharded
+    model under ``mlx.launch``) the other ranks follow each job and are released on ``stop``."""
 
     def __init__(self, model: Model, tokenizer, lockstep: Lockstep | None = None):
         self.model, self.tokenizer, self.lockstep = model, tokenizer, lockstep
@@ -66,27 +125,99 @@ class Worker:
         self.prompt_cache = PromptCache()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.closed = False
+        self.failure: str | None = None
         self.thread = threading.Thread(target=self.run, name="mlx-diffgemma-worker", daemon=True)
         self.thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return not self.closed and self.thread.is_alive()
+
+    def submit(self, job: Job) -> None:
+        with self.lock:  # so that no job lands in the queue after a dying worker drained it
+            if not self.alive:
+                raise worker_died()
+            self.jobs.put(job)
+
     def run(self) -> None:
-        while (job := self.jobs.get()) is not None:
+        try:
+            while (job := self.jobs.get()) is not None:
+                self.serve(job)
+        except BaseException as e:
+            self.failure = f"{type(e).__name__}: {e}"
+            logger.critical("the generation thread died", exc_info=True)
+        finally:
+            with self.lock:
+                self.closed = True
+            while not self.jobs.empty():
+                if (job := self.jobs.get_nowait()) is not None:
+                    job.emit(worker_died())
+                    job.emit(None)
+            if self.lockstep:
+                self.lockstep.close()
+
+    def serve(self, job: Job) -> None:
+        try:
             if job.cancelled.is_set() or self.stopping.is_set():
-                job.emit(None)
-                continue
-            stream = self.generate(self.model, self.tokenizer, job.ids, prompt_cache=self.prompt_cache, **job.options)
+                return
             try:
-                for response in stream:
+                ids, options = self.prepare(job)
+            except APIError as e:
+                job.emit(e)
+                return
+            job.emit(Accepted(len(ids)))
+            responses = self.responses(job, ids, options)
+            try:
+                for response in responses:  # with drafts: one per denoising step, so cancellation is prompt
                     if job.cancelled.is_set() or self.stopping.is_set():
                         break
-                    job.emit(response)
-            except Exception as e:  # reported to the client; the worker goes on
-                job.emit(e)
+                    if response.draft is None:
+                        job.emit(response)
             finally:
-                stream.close()
-                job.emit(None)
-        if self.lockstep:
-            self.lockstep.close()
+                responses.close()
+        except Exception as e:  # reported to the client; the worker goes on
+            logger.error("generation failed", exc_info=True)
+            job.emit(e)
+        except BaseException:
+            job.emit(worker_died())
+            raise
+        finally:
+            job.emit(None)
+
+    def prepare(self, job: Job) -> tuple[list[int], dict[str, Any]]:
+        """Token ids and options, ``max_tokens`` clamped to the context; an ``APIError`` if refused."""
+        try:
+            ids = prepare_prompt(self.tokenizer, job.prompt, tools=job.tools)
+        except Exception as e:  # the chat template refused the conversation
+            raise APIError(400, f"cannot apply the chat template: {e}", "messages") from None
+        options = dict(job.options)
+        try:
+            settings = resolve_settings(self.model, **{k: options.get(k) for k in EXTRA_SETTINGS})
+            room = fitting_tokens(self.model, len(ids), settings.canvas_length)
+            if room == 0:
+                raise ValueError(f"prompt too long: {len(ids)} prompt tokens leave no room for a canvas of "
+                                 f"{settings.canvas_length} in the model's context of {self.model.args.max_position_embeddings}")
+            options["max_tokens"] = min(options["max_tokens"], room)
+            check_request(self.model, [ids], options["max_tokens"], settings.canvas_length)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        return ids, options
+
+    def responses(self, job: Job, ids: list[int], options: dict[str, Any]) -> Iterator[GenerationResponse]:
+        options = {**options, "draft": True}
+        if job.n == 1:
+            yield from self.generate(self.model, self.tokenizer, ids, prompt_cache=self.prompt_cache, **options)
+        elif self.lockstep is None:
+            yield from stream_batch_generate(self.model, self.tokenizer, [ids] * job.n, **options)
+        else:  # the followers run single prompts: one choice after another, seeds as a batch would use
+            seed = options.pop("seed")
+            seed = random_seed() if seed is None else seed
+            for i in range(job.n):
+                for response in self.lockstep.stream(self.model, self.tokenizer, ids, prompt_cache=self.prompt_cache,
+                                                     seed=seed + i, **options):
+                    yield replace(response, index=i)
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop the current job at its next step, drop queued ones, and wait for the thread."""
@@ -95,7 +226,7 @@ class Worker:
         self.thread.join(timeout)
 
 
-def parse_number(body: dict, name: str, kind: type, low: float | None = None) -> Any:
+def parse_number(body: dict, name: str, kind: type, low: float | None = None, high: float | None = None) -> Any:
     value = body.get(name)
     if value is None:
         return None
@@ -103,14 +234,42 @@ def parse_number(body: dict, name: str, kind: type, low: float | None = None) ->
         raise APIError(400, f"'{name}' must be {'a number' if kind is float else 'an integer'}", name)
     if low is not None and value < low:
         raise APIError(400, f"'{name}' must be >= {low}", name)
+    if high is not None and value > high:
+        raise APIError(400, f"'{name}' must be <= {high}", name)
     return kind(value)
+
+
+def parse_flag(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise APIError(400, f"'{name}' must be true or false", name)
+    return bool(value)
+
+
+def include_usage(body: dict) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise APIError(400, "'stream_options' must be an object", "stream_options")
+    return parse_flag(options, "include_usage")
+
+
+def check_neutral(body: dict) -> None:
+    for name, neutral in NEUTRAL.items():
+        value = body.get(name)
+        if value is None or any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral):
+            continue
+        shown = " or ".join(json.dumps(v) for v in neutral)
+        raise APIError(400, f"'{name}' cannot be honoured by the diffusion sampler: leave it out or send {shown}", name)
 
 
 def sampling_options(body: dict) -> dict[str, Any]:
     """Request fields onto ``stream_generate`` options (validated here or by ``DiffusionSettings``)."""
+    check_neutral(body)
     options: dict[str, Any] = {}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    options["max_tokens"] = parse_number({"max_tokens": max_tokens}, "max_tokens", int, 1) or 256
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    options["max_tokens"] = parse_number(body, name, int, 1) or 256
     temperature = parse_number(body, "temperature", float, 0)
     if temperature is not None:
         t = max(temperature, GREEDY_TEMPERATURE)
@@ -129,207 +288,407 @@ def sampling_options(body: dict) -> dict[str, Any]:
     return options
 
 
-def usage(r: GenerationResponse | None, prompt_tokens: int) -> dict[str, Any]:
-    completion = r.generation_tokens if r else 0
+def message_text(content: Any, param: str) -> str:
+    """A message's content as text: a string, or OpenAI's list of text parts."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise APIError(400, f"'{param}' must be a string or a list of text parts", param)
+    texts = []
+    for i, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise APIError(400, f"'{param}[{i}]' must be a text part {{\"type\": \"text\", \"text\": \"...\"}}; "
+                                "this model reads text only", f"{param}[{i}]")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def history_tool_call(call: Any, param: str) -> dict[str, Any]:
+    """An assistant's earlier tool call, as chat templates take it (arguments as an object)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(call.get("id"), str) or call.get("type", "function") != "function":
+        raise APIError(400, f"'{param}' must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}", param)
+    if not isinstance(function.get("name"), str) or not function["name"]:
+        raise APIError(400, f"'{param}.function.name' must be a non-empty string", f"{param}.function.name")
+    try:
+        arguments = parse_arguments(function.get("arguments", {}), f"{param}.function.arguments")
+    except RequestError as e:
+        raise APIError(400, str(e), e.param) from None
+    return {"id": call["id"], "type": "function", "function": {"name": function["name"], "arguments": arguments}}
+
+
+def chat_messages(messages: Any) -> list[dict[str, Any]]:
+    """Checked messages in the form chat templates take; an ``APIError`` naming the field otherwise."""
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list", "messages")
+    out, calls = [], {}
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise APIError(400, f"'{where}' must be an object", where)
+        role = m.get("role")
+        if role not in ROLES:
+            raise APIError(400, f"'{where}.role' must be one of {', '.join(ROLES)} (got {role!r})", f"{where}.role")
+        tool_calls = m.get("tool_calls") if role == "assistant" else None
+        if tool_calls is not None and (not isinstance(tool_calls, list) or not tool_calls):
+            raise APIError(400, f"'{where}.tool_calls' must be a non-empty list", f"{where}.tool_calls")
+        content = m.get("content")
+        if content is None and not tool_calls:
+            raise APIError(400, f"'{where}.content' is required", f"{where}.content")
+        message = {"role": "system" if role == "developer" else role,
+                   "content": "" if content is None else message_text(content, f"{where}.content")}
+        if tool_calls:
+            message["tool_calls"] = [history_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(tool_calls)]
+            calls.update((c["id"], c["function"]["name"]) for c in message["tool_calls"])
+        if role == "tool":
+            call_id, name = m.get("tool_call_id"), m.get("name")
+            if call_id not in calls:
+                raise APIError(400, f"'{where}.tool_call_id' ({call_id!r}) answers no earlier assistant tool call",
+                               f"{where}.tool_call_id")
+            if name is not None and not isinstance(name, str):
+                raise APIError(400, f"'{where}.name' must be a string", f"{where}.name")
+            message.update(tool_call_id=call_id, name=name or calls[call_id])
+        out.append(message)
+    return out
+
+
+def request_tools(body: dict) -> list[dict[str, Any]] | None:
+    if body.get("tool_choice") not in (None, "auto", "none"):
+        raise APIError(400, "'tool_choice' may only be \"auto\" or \"none\" on this server", "tool_choice")
+    if body.get("tools") is None:
+        return None
+    try:
+        return openai_tools(body["tools"]) or None
+    except RequestError as e:
+        raise APIError(400, str(e), e.param) from None
+
+
+def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return False
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request's JSON object; 415 for another content type (none included: a page may
+    send a body without one and no CORS preflight), 413 when too large, 400 when malformed."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"the body must be JSON sent as 'Content-Type: application/json' (got {media_type or 'none'!r})")
+    too_large = APIError(413, f"the body exceeds {MAX_BODY_BYTES} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    data = bytearray()
+    async for piece in request.stream():
+        data += piece
+        if len(data) > MAX_BODY_BYTES:
+            raise too_large
+    try:
+        body = json.loads(data, parse_constant=_reject_constant)
+    except RecursionError:
+        raise APIError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError:  # malformed JSON, invalid UTF-8, NaN or Infinity
+        raise APIError(400, "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    if too_deep(body):
+        raise APIError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+    return body
+
+
+async def watch_disconnect(request: Request, cancelled: threading.Event) -> None:
+    """Cancel the job as soon as the client hangs up (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    cancelled.set()
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def as_api_error(e: Exception) -> APIError:
+    return e if isinstance(e, APIError) else APIError(500, f"generation failed: {e}", kind="server_error")
+
+
+def choices(responses: list[GenerationResponse], n: int) -> list[list[GenerationResponse]]:
+    rows: list[list[GenerationResponse]] = [[] for _ in range(n)]
+    for r in responses:
+        rows[r.index].append(r)
+    return rows
+
+
+def finish_reason(row: list[GenerationResponse]) -> str:
+    return (row[-1].finish_reason if row else None) or "stop"
+
+
+def usage(rows: list[list[GenerationResponse]], prompt_tokens: int) -> dict[str, Any]:
+    completion = sum(row[-1].generation_tokens for row in rows if row)
+    cached = rows[0][-1].cached_tokens if rows and rows[0] else 0
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": r.cached_tokens if r else 0}}
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def diffusion_stats(r: GenerationResponse | None) -> dict[str, Any]:
-    if r is None:
+def diffusion_stats(rows: list[list[GenerationResponse]]) -> dict[str, Any]:
+    last = max((row[-1] for row in rows if row), key=lambda r: len(r.steps_per_canvas), default=None)
+    if last is None:
         return {}
-    return {"steps_per_canvas": r.steps_per_canvas, "tokens_per_forward": r.tokens_per_forward,
-            "prompt_tps": r.prompt_tps, "generation_tps": r.generation_tps, "peak_memory_gb": r.peak_memory}
+    return {"steps_per_canvas": last.steps_per_canvas, "tokens_per_forward": last.tokens_per_forward,
+            "prompt_tps": last.prompt_tps, "generation_tps": last.generation_tps, "peak_memory_gb": last.peak_memory}
 
 
-def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = None,
-               lockstep: Lockstep | None = None) -> FastAPI:
-    app = FastAPI(title="mlx-diffgemma", docs_url=None, redoc_url=None)
+class ChatReply:
+    """``chat.completion`` objects (and chunks) from the worker's responses."""
+
+    chunk_object = "chat.completion.chunk"
+
+    def __init__(self, base: dict[str, Any]):
+        self.base, self.started = base, set()
+
+    def chunk(self, r: GenerationResponse) -> dict[str, Any] | None:
+        delta: dict[str, Any] = {} if r.index in self.started else {"role": "assistant"}
+        self.started.add(r.index)
+        if r.text:
+            delta["content"] = r.text
+        if r.reasoning:
+            delta["reasoning_content"] = r.reasoning
+        if not delta:
+            return None
+        return {**self.base, "object": self.chunk_object,
+                "choices": [{"index": r.index, "delta": delta, "finish_reason": None}]}
+
+    def finish(self, rows: list[list[GenerationResponse]]) -> dict[str, Any]:
+        return {**self.base, "object": self.chunk_object,
+                "choices": [{"index": i, "delta": {}, "finish_reason": finish_reason(row)} for i, row in enumerate(rows)]}
+
+    def whole(self, rows: list[list[GenerationResponse]]) -> dict[str, Any]:
+        out = []
+        for i, row in enumerate(rows):
+            message = {"role": "assistant", "content": "".join(r.text for r in row)}
+            if reasoning := "".join(r.reasoning for r in row):
+                message["reasoning_content"] = reasoning
+            out.append({"index": i, "message": message, "finish_reason": finish_reason(row)})
+        return {**self.base, "object": "chat.completion", "choices": out}
+
+
+class CompletionReply:
+    """``text_completion`` objects (and chunks) from the worker's responses."""
+
+    chunk_object = "text_completion"
+
+    def __init__(self, base: dict[str, Any]):
+        self.base = {**base, "object": "text_completion"}
+
+    def chunk(self, r: GenerationResponse) -> dict[str, Any] | None:
+        if not r.text:
+            return None
+        return {**self.base, "choices": [{"index": r.index, "text": r.text, "finish_reason": None, "logprobs": None}]}
+
+    def finish(self, rows: list[list[GenerationResponse]]) -> dict[str, Any]:
+        return {**self.base, "choices": [{"index": i, "text": "", "finish_reason": finish_reason(row), "logprobs": None}
+                                         for i, row in enumerate(rows)]}
+
+    def whole(self, rows: list[list[GenerationResponse]]) -> dict[str, Any]:
+        return {**self.base, "choices": [{"index": i, "text": "".join(r.text for r in row), "logprobs": None,
+                                          "finish_reason": finish_reason(row)} for i, row in enumerate(rows)]}
+
+
+class APIKeyAuth:
+    """Bearer-key check on ``/v1/`` routes (a pure ASGI middleware, so that a client's
+    hang-up still reaches the route). Preflight requests pass: they carry no key."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS":
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                await APIError(401, "invalid or missing API key", kind="authentication_error").response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = None, lockstep: Lockstep | None = None,
+               cors_origins: list[str] | None = None) -> FastAPI:
+    """The server's app. ``cors_origins``: origins browsers may call it from (``"*"`` for any);
+    ``None`` allows pages from localhost, 127.0.0.1 and [::1] only."""
     worker = Worker(model, tokenizer, lockstep)
-    app.state.worker = worker
     created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title="mlx-diffgemma", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.worker = worker
+    if api_key:
+        app.add_middleware(APIKeyAuth, api_key=api_key)
+    app.add_middleware(CORSMiddleware, allow_origins=cors_origins or [],
+                       allow_origin_regex=None if cors_origins is not None else LOCAL_ORIGINS,
+                       allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
         return e.response()
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
-                return APIError(401, "invalid or missing API key", kind="authentication_error").response()
-        return await call_next(request)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return APIError(e.status_code, message, kind=kind).response(e.headers)
 
-    @app.on_event("shutdown")
-    def shutdown() -> None:
-        worker.stop()
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        return APIError(400, f"invalid request: {e.errors()}").response()
 
     @app.get("/health")
     async def health():
+        if not worker.alive:
+            body = worker_died().body()
+            body["error"]["message"] += f" ({worker.failure})" if worker.failure else ""
+            return JSONResponse(body, status_code=503)
         return {"status": "ok", "model": model_id, "queued": worker.jobs.qsize()}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "mlx-diffgemma"}]}
 
-    async def read_body(request: Request) -> dict:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError(400, "request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "request body must be a JSON object")
+    async def read_request(request: Request) -> dict[str, Any]:
+        if not worker.alive:
+            raise worker_died()
+        body = await read_json(request)
         if body.get("model") not in (None, model_id):
             raise APIError(404, f"model '{body['model']}' not found; this server serves '{model_id}'", "model", "not_found_error")
         return body
 
-    def prepare(ids: list[int], options: dict) -> None:
-        """Refuse a bad request before it reaches the worker."""
-        try:
-            settings = resolve_settings(model, **{k: options.get(k) for k in EXTRA_SETTINGS})
-            check_request(model, [ids], options["max_tokens"], settings.canvas_length)
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
-
-    async def run(request: Request, ids: list[int], options: dict, stream: bool, chunk, final):
+    async def run(request: Request, job: Job, stream: bool, usage_chunk: bool, reply: ChatReply | CompletionReply):
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = Job(ids, options, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
-        worker.jobs.put(job)
-        if stream:
-            async def sse():
-                last = None
-                try:
-                    while (event := await events.get()) is not None:
-                        if isinstance(event, Exception):
-                            yield f"data: {json.dumps({'error': {'message': str(event), 'type': 'server_error'}})}\n\n"
-                            continue
-                        last = event
-                        for piece in chunk(event):
-                            yield f"data: {json.dumps(piece)}\n\n"
-                    for piece in final(last):
-                        yield f"data: {json.dumps(piece)}\n\n"
-                    yield "data: [DONE]\n\n"
-                finally:
-                    job.cancelled.set()  # the client went away, or we are done
-
-            return StreamingResponse(sse(), media_type="text/event-stream")
-        responses: list[GenerationResponse] = []
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        job.emit = lambda e: loop.call_soon_threadsafe(events.put_nowait, e)
+        worker.submit(job)
+        watcher = asyncio.create_task(watch_disconnect(request, job.cancelled))
         try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancelled.set()
-                        return JSONResponse({}, status_code=499)
-                    continue
-                if event is None:
-                    break
-                if isinstance(event, Exception):
-                    raise APIError(500, f"generation failed: {event}", kind="server_error")
-                responses.append(event)
-        finally:
+            accepted = await events.get()
+            if isinstance(accepted, Exception):
+                raise as_api_error(accepted)
+            if accepted is None:  # the client went away while queued
+                return Response(status_code=499)
+        except BaseException:
             job.cancelled.set()
-        return JSONResponse(final(responses))
+            watcher.cancel()
+            raise
+
+        async def collect() -> tuple[list[GenerationResponse], Exception | None]:
+            responses = []
+            while (event := await events.get()) is not None:
+                if isinstance(event, Exception):
+                    while await events.get() is not None:
+                        pass
+                    return responses, event
+                responses.append(event)
+                if stream and (piece := reply.chunk(event)) is not None:
+                    await pieces.put(sse(piece))
+            return responses, None
+
+        if not stream:
+            try:
+                responses, error = await collect()
+            finally:
+                job.cancelled.set()
+                watcher.cancel()
+            if error is not None:
+                raise as_api_error(error)
+            rows = choices(responses, job.n)
+            return JSONResponse({**reply.whole(rows), "usage": usage(rows, accepted.prompt_tokens),
+                                 "diffusion": diffusion_stats(rows)})
+
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+
+        async def events_stream():
+            task = asyncio.create_task(collect())
+            task.add_done_callback(lambda _: pieces.put_nowait(None))
+            try:
+                while (piece := await pieces.get()) is not None:
+                    yield piece
+                responses, error = task.result()
+                if error is not None:
+                    yield sse(as_api_error(error).body())
+                else:
+                    rows = choices(responses, job.n)
+                    yield sse(reply.finish(rows))
+                    if usage_chunk:
+                        yield sse({**reply.base, "object": reply.chunk_object, "choices": [],
+                                   "usage": usage(rows, accepted.prompt_tokens), "diffusion": diffusion_stats(rows)})
+                yield "data: [DONE]\n\n"
+            finally:  # done, or the client went away
+                job.cancelled.set()
+                watcher.cancel()
+                task.cancel()
+
+        return StreamingResponse(events_stream(), media_type="text/event-stream")
+
+    def common(body: dict) -> tuple[dict[str, Any], int, bool, bool]:
+        options = sampling_options(body)
+        n = parse_number(body, "n", int, 1, MAX_CHOICES) or 1
+        stream = parse_flag(body, "stream")
+        return options, n, stream, stream and include_usage(body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_body(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "'messages' must be a non-empty list", "messages")
-        for m in messages:
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool") or not isinstance(m.get("content"), (str, list)):
-                raise APIError(400, "each message needs a role (system, user, assistant, tool) and a content", "messages")
-        messages = [{**m, "content": _text(m["content"])} for m in messages]
-        options = sampling_options(body)
-        try:
-            ids = prepare_prompt(tokenizer, messages)
-        except Exception as e:  # the chat template refused the conversation
-            raise APIError(400, f"cannot apply the chat template: {e}", "messages") from None
-        prepare(ids, options)
-        rid, stream = f"chatcmpl-{uuid.uuid4().hex}", bool(body.get("stream"))
-        include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
-        base = {"id": rid, "created": int(time.time()), "model": model_id}
-        sent = {"answer": "", "reasoning": "", "text": "", "role": False}
-
-        def chunk(r: GenerationResponse):
-            sent["text"] += r.text
-            reply = split_reply(sent["text"])
-            delta: dict[str, Any] = {} if sent["role"] else {"role": "assistant"}
-            sent["role"] = True
-            for key, value in (("content", reply.answer), ("reasoning_content", reply.reasoning)):
-                old = sent["answer" if key == "content" else "reasoning"]
-                if value.startswith(old) and len(value) > len(old):
-                    delta[key] = value[len(old):]
-                    sent["answer" if key == "content" else "reasoning"] = value
-            if delta:
-                yield {**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-
-        def final_stream(last: GenerationResponse | None):
-            reason = last.finish_reason if last and last.finish_reason else "stop"
-            yield {**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}
-            if include_usage:
-                yield {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage(last, len(ids)),
-                       "diffusion": diffusion_stats(last)}
-
-        def final(responses: list[GenerationResponse]):
-            last = responses[-1] if responses else None
-            reply = split_reply("".join(r.text for r in responses))
-            message = {"role": "assistant", "content": reply.answer}
-            if reply.reasoning:
-                message["reasoning_content"] = reply.reasoning
-            return {**base, "object": "chat.completion", "usage": usage(last, len(ids)), "diffusion": diffusion_stats(last),
-                    "choices": [{"index": 0, "message": message, "finish_reason": (last.finish_reason if last else None) or "stop"}]}
-
-        return await run(request, ids, options, stream, chunk, final_stream if stream else final)
+        body = await read_request(request)
+        messages = chat_messages(body.get("messages"))
+        tools = request_tools(body)
+        options, n, stream, usage_chunk = common(body)
+        job = Job(messages, options, emit=lambda e: None, n=n, tools=tools)
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
+        return await run(request, job, stream, usage_chunk, ChatReply(base))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_body(request)
+        body = await read_request(request)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "'prompt' must be a non-empty string", "prompt")
-        options = sampling_options(body)
-        ids = prepare_prompt(tokenizer, prompt)
-        prepare(ids, options)
-        rid, stream = f"cmpl-{uuid.uuid4().hex}", bool(body.get("stream"))
-        include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
-        base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_id}
-
-        def chunk(r: GenerationResponse):
-            if r.text:
-                yield {**base, "choices": [{"index": 0, "text": r.text, "finish_reason": None, "logprobs": None}]}
-
-        def final_stream(last: GenerationResponse | None):
-            reason = (last.finish_reason if last else None) or "stop"
-            yield {**base, "choices": [{"index": 0, "text": "", "finish_reason": reason, "logprobs": None}]}
-            if include_usage:
-                yield {**base, "choices": [], "usage": usage(last, len(ids)), "diffusion": diffusion_stats(last)}
-
-        def final(responses: list[GenerationResponse]):
-            last = responses[-1] if responses else None
-            text = "".join(r.text for r in responses)
-            return {**base, "usage": usage(last, len(ids)), "diffusion": diffusion_stats(last),
-                    "choices": [{"index": 0, "text": text, "finish_reason": (last.finish_reason if last else None) or "stop", "logprobs": None}]}
-
-        return await run(request, ids, options, stream, chunk, final_stream if stream else final)
+        options, n, stream, usage_chunk = common(body)
+        job = Job(prompt, options, emit=lambda e: None, n=n)
+        base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
+        return await run(request, job, stream, usage_chunk, CompletionReply(base))
 
     return app
 
 
-def _text(content: str | list) -> str:
-    """Message content as text; OpenAI's list-of-parts form keeps its text parts."""
-    if isinstance(content, str):
-        return content
-    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+def check_port(host: str, port: int) -> None:
+    """Raise a one-line ``OSError`` if ``host:port`` cannot be bound (checked before loading a model)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise OSError(f"cannot resolve host {host!r}: {e.strerror}") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise OSError(f"port {port} on {host} is in use; choose another with --port") from None
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 def serve(model: Model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 1234, api_key: str | None = None,
-          lockstep: Lockstep | None = None) -> None:
+          lockstep: Lockstep | None = None, cors_origins: list[str] | None = None) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(model, tokenizer, model_id, api_key, lockstep), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(model, tokenizer, model_id, api_key, lockstep, cors_origins), host=host, port=port, log_level="info")
