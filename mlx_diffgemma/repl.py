@@ -68,8 +68,8 @@ def format_stats(r: GenerationResponse) -> str:
     steps = r.steps_per_canvas
     mean_steps = sum(steps) / len(steps) if steps else 0.0
     return (
-        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s | "
-        f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s | "
+        f"prompt: {plural(r.prompt_tokens, 'token')}, {r.prompt_tps:.1f} tokens/s | "
+        f"generation: {plural(r.generation_tokens, 'token')}, {r.generation_tps:.1f} tokens/s | "
         f"{mean_steps:.1f} steps/canvas, {r.tokens_per_forward:.2f} tokens/forward | "
         f"peak memory {r.peak_memory * 1e3:.1f} MB"
     )
@@ -113,7 +113,7 @@ class Repl:
             self.console.print(format_stats(last) if last else "no reply yet", markup=False)
         elif name == "/save":
             if not arg:
-                self.console.print("usage: /save <file>", style="red")
+                self.error("/save needs a file name: /save <file>")
             else:
                 try:
                     Path(arg).expanduser().write_text(json.dumps(self.session.messages, indent=2, ensure_ascii=False))
