@@ -286,20 +286,33 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the server to your network."),
     port: int = typer.Option(1234, "--port", help="Port to listen on."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1/ requests."),
+    cors_origin: Optional[list[str]] = typer.Option(
+        None, "--cors-origin", metavar="ORIGIN", show_default=False,
+        help="A web page origin browsers may call the server from, e.g. https://example.com; repeatable; '*' allows any "
+        "(default: only pages served from localhost, 127.0.0.1 or [::1], on any port)."),
     adapter_path: Optional[str] = AdapterPath,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
     Under mlx.launch every rank holds a slice of the model; rank 0 serves.
     """
+    import mlx.core as mx
+
+    from mlx_diffgemma.server import check_port
     from mlx_diffgemma.server import serve as run_server
 
     model = resolve_model(model, adapter_path)
+    if mx.distributed.init().rank() == 0:  # the rank that will listen
+        try:
+            check_port(host, port)
+        except OSError as e:
+            fail(str(e))
     model_obj, tokenizer = load_or_fail(model, sharded=True, adapter_path=adapter_path)
     lockstep = lead_or_follow(model_obj, tokenizer)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
-    run_server(model_obj, tokenizer, model, host=host, port=port, api_key=api_key, lockstep=lockstep)
+    run_server(model_obj, tokenizer, model, host=host, port=port, api_key=api_key, lockstep=lockstep,
+               cors_origins=cors_origin or None)
 
 
 @app.command()

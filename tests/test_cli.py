@@ -87,10 +87,10 @@ def test_default_max_tokens_fit_the_context_and_a_given_one_that_does_not_is_ref
 @pytest.mark.parametrize("stdin, prompt_tokens", [("123456\n", 7), ("123456\n\n", 8), ("123456", 7)])
 def test_raw_prompt_from_stdin_loses_one_trailing_newline(stdin, prompt_tokens):
     # The Sudoku tokenizer has one token per character, newline included, after <bos>.
-    result = invoke("generate", "--model", SUDOKU_MODEL, "--raw", "--stats", "--max-tokens", "1", "--steps", "1", "-",
-                    input=stdin)
+    result = invoke("generate", "--model", SUDOKU_MODEL, "--raw", "--stats", "--max-tokens", "1", "--steps", "1", "--seed", "0",
+                    "-", input=stdin)
     assert result.exit_code == 0, result.output
-    assert f"prompt: {prompt_tokens} tokens" in result.output
+    assert f"prompt: {prompt_tokens} tokens," in result.output and "generation: 1 token," in result.output
 
 
 def test_a_model_without_chat_template_says_so_in_one_line():
@@ -150,3 +150,24 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(damaged_checkpoint, co
     }[command]
     line = one_error_line(invoke(*args, input=""))
     assert victim in line
+
+
+def test_serve_passes_cors_origins(monkeypatch):
+    import mlx_diffgemma.server
+
+    calls = []
+    monkeypatch.setattr(mlx_diffgemma.server, "serve", lambda *args, **kwargs: calls.append(kwargs))
+    port = str(free_port())
+    assert invoke("serve", "--model", SUDOKU_MODEL, "--port", port).exit_code == 0
+    result = invoke("serve", "--model", SUDOKU_MODEL, "--port", port, "--cors-origin", "https://a.example", "--cors-origin", "*")
+    assert result.exit_code == 0, result.output
+    assert [c["cors_origins"] for c in calls] == [None, ["https://a.example", "*"]]
+
+
+def test_serve_on_a_busy_port_fails_before_loading_the_model(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = one_error_line(invoke("serve", "--model", str(tmp_path / "no-model-here"), "--port", str(port)))
+    assert f"port {port}" in line and "in use" in line and "no-model-here" not in line
