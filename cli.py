@@ -129,7 +129,8 @@ def generate(
     t_max: Optional[float] = TMax,
     canvas_length: Optional[int] = CanvasLength,
     seed: Optional[int] = Seed,
-    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template (needed for a model without one)."),
+    raw: bool = typer.Option(
+        False, "--raw", help="Send the prompt as is, without the chat template (needed for a model without one)."),
     stats: bool = typer.Option(False, "--stats", help="Print speed and denoising statistics to standard error."),
     short_final_canvas: bool = typer.Option(
         False, "--short-final-canvas",

@@ -47,9 +47,9 @@ def fit_context(generator: Generator, default_max_tokens: int) -> Generator:
         if max_tokens is None:
             max_tokens = min(default_max_tokens, room)
         if room == 0 or max_tokens > room:
-            raise ContextFull(
-                f"{len(prompt)} prompt tokens leave room for {room} of the {max_tokens or canvas} new tokens asked for "
-                f"(the model's context is {model.args.max_position_embeddings} tokens, filled in canvases of {canvas})")
+            left = "no room for a reply" if room == 0 else f"room for {room} new tokens, not the {max_tokens} asked for"
+            raise ContextFull(f"{len(prompt)} prompt tokens leave {left} in the model's context of "
+                              f"{model.args.max_position_embeddings} tokens (filled in canvases of {canvas})")
         return generator(model, tokenizer, prompt, max_tokens=max_tokens, canvas_length=canvas_length, **options)
 
     return stream
@@ -117,7 +117,8 @@ class Repl:
             else:
                 try:
                     Path(arg).expanduser().write_text(json.dumps(self.session.messages, indent=2, ensure_ascii=False))
-                    self.console.print(f"saved {plural(len(self.session.messages), 'message')} to {arg}", style="dim", markup=False)
+                    saved = plural(len(self.session.messages), "message")
+                    self.console.print(f"saved {saved} to {arg}", style="dim", markup=False)
                 except OSError as e:
                     self.error(f"cannot save: {e}")
         elif name == "/help":

@@ -81,7 +81,8 @@ def test_default_max_tokens_fit_the_context_and_a_given_one_that_does_not_is_ref
     result = invoke("generate", "--model", SUDOKU_MODEL, "--raw", "--seed", "0", "--steps", "4", "123456")
     assert result.exit_code == 0, result.output  # 512 new tokens would not fit after the prompt: 481 do
     line = one_error_line(invoke("generate", "--model", SUDOKU_MODEL, "--raw", "--max-tokens", "600", "123456"))
-    assert "7 prompt tokens leave room for 481 of the 600 new tokens" in line and "context is 512 tokens" in line
+    assert line == ("error: 7 prompt tokens leave room for 481 new tokens, not the 600 asked for in the model's context "
+                    "of 512 tokens (filled in canvases of 37)")
 
 
 @pytest.mark.parametrize("stdin, prompt_tokens", [("123456\n", 7), ("123456\n\n", 8), ("123456", 7)])
