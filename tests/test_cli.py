@@ -5,6 +5,7 @@ import shutil
 import socket
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from typer.testing import CliRunner
 
@@ -101,17 +102,30 @@ def test_a_model_without_chat_template_says_so_in_one_line():
     assert "no chat template" in line and "generate --raw" in line
 
 
-def write_adapter_config(folder: Path, base_model: str) -> Path:
+def write_adapters(folder: Path, base_model: str, weights: bool = False) -> Path:
+    """Adapters as finetune --lora writes them (untrained); without ``weights``, only their config."""
+    from mlx.utils import tree_flatten
+
+    from mlx_diffgemma import load
+    from mlx_diffgemma.adapters import LORA_KEYS, apply_lora
+
     folder.mkdir()
-    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 20.0, "dropout": 0.0},
-              "base_model": base_model}
+    lora = {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": list(LORA_KEYS)}
+    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora, "base_model": base_model}
     (folder / "adapter_config.json").write_text(json.dumps(config))
+    if weights:
+        model, _ = load(base_model)
+        apply_lora(model, config["num_layers"], config["lora_parameters"])
+        mx.save_safetensors(str(folder / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
     return folder
 
 
 def test_adapters_load_onto_their_recorded_base_model_unless_model_is_given(tmp_path):
+    adapters = write_adapters(tmp_path / "sudoku-adapters", SUDOKU_MODEL, weights=True)
+    result = invoke("generate", "--raw", "123456", "--max-tokens", "1", "--steps", "1", "--adapter-path", str(adapters))
+    assert result.exit_code == 0, result.output
     missing_base = str(tmp_path / "base-that-was-moved")
-    adapters = write_adapter_config(tmp_path / "adapters", missing_base)
+    adapters = write_adapters(tmp_path / "adapters", missing_base)
     for command in (["generate", "--raw", "123456"], ["chat"], ["serve", "--port", "0"]):
         line = one_error_line(invoke(*command, "--adapter-path", str(adapters)))
         assert line.startswith(f"error: cannot load {missing_base}: "), line
