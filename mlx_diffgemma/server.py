@@ -590,6 +590,8 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
             watcher.cancel()
             raise
 
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()  # SSE lines, when streaming
+
         async def collect() -> tuple[list[GenerationResponse], Exception | None]:
             responses = []
             while (event := await events.get()) is not None:
@@ -599,7 +601,7 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
                     return responses, event
                 responses.append(event)
                 if stream and (piece := reply.chunk(event)) is not None:
-                    await pieces.put(sse(piece))
+                    pieces.put_nowait(sse(piece))
             return responses, None
 
         if not stream:
@@ -613,8 +615,6 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
             rows = choices(responses, job.n)
             return JSONResponse({**reply.whole(rows), "usage": usage(rows, accepted.prompt_tokens),
                                  "diffusion": diffusion_stats(rows)})
-
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
 
         async def events_stream():
             task = asyncio.create_task(collect())
