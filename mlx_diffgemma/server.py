@@ -109,9 +109,9 @@ class Job:
 
     prompt: str | list[dict[str, Any]]
     options: dict[str, Any]
-    emit: Callable[[Event], None]
     n: int = 1
     tools: list[dict[str, Any]] | None = None
+    emit: Callable[[Event], None] = lambda event: None  # set by the request that waits for the events
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -651,7 +651,7 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
         messages = chat_messages(body.get("messages"))
         tools = request_tools(body)
         options, n, stream, usage_chunk = common(body)
-        job = Job(messages, options, emit=lambda e: None, n=n, tools=tools)
+        job = Job(messages, options, n, tools)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
         return await run(request, job, stream, usage_chunk, ChatReply(base))
 
@@ -664,7 +664,7 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "'prompt' must be a non-empty string", "prompt")
         options, n, stream, usage_chunk = common(body)
-        job = Job(prompt, options, emit=lambda e: None, n=n)
+        job = Job(prompt, options, n)
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
         return await run(request, job, stream, usage_chunk, CompletionReply(base))
 
