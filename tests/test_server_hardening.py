@@ -296,6 +296,32 @@ def test_n_choices_equal_single_requests_with_successive_seeds(live):
     assert {c["index"] for p in pieces for c in p["choices"]} == {0, 1}
 
 
+class SoloLockstep:
+    """A one-rank stand-in for ``Lockstep``: the sharded path's single-prompt generator."""
+
+    def stream(self, model, tokenizer, prompt, *, prompt_cache, **options):
+        from mlx_diffgemma.generate import stream_generate
+
+        return stream_generate(model, tokenizer, prompt, prompt_cache=prompt_cache, **options)
+
+    def close(self):
+        pass
+
+
+def test_n_choices_on_the_sharded_path_equal_the_batch(loaded, live):
+    from starlette.testclient import TestClient
+
+    model, tokenizer, model_id = loaded
+    body = {"messages": [{"role": "user", "content": "Hello world"}], "max_tokens": 24, "seed": 5, "n": 2, **FAST}
+    batch = live.post("/v1/chat/completions", body).json()["choices"]
+    app = create_app(model, tokenizer, model_id, lockstep=SoloLockstep())
+    try:
+        rows = TestClient(app).post("/v1/chat/completions", json=body).json()["choices"]
+    finally:
+        app.state.worker.stop()
+    assert [c["message"]["content"] for c in rows] == [c["message"]["content"] for c in batch]
+
+
 def test_neutral_sampler_fields_are_accepted(live):
     neutral = {"top_p": 1, "top_k": -1, "min_p": 0, "presence_penalty": 0, "frequency_penalty": 0.0,
                "repetition_penalty": 1.0, "logprobs": False, "top_logprobs": 0, "logit_bias": {}}
