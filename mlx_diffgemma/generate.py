@@ -465,6 +465,7 @@ def stream_batch_generate(
     enable_thinking: bool | None = None,
     tools: list[dict[str, Any]] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
+    fixed: Sequence[int | None] | None = None,
     **overrides: Any,
 ) -> Iterator[GenerationResponse]:
     """Stream replies to several prompts at once; each response's ``index`` names its row.
@@ -479,7 +480,9 @@ def stream_batch_generate(
     (the next turn of a chat) encodes only what is new. ``noise`` replaces the seeded
     randomness altogether (tests pin it to compare with the reference implementation).
     For chat-message prompts, ``enable_thinking``, ``tools`` (function schemas) and other
-    ``chat_template_kwargs`` go to the chat template.
+    ``chat_template_kwargs`` go to the chat template. ``fixed`` clamps the reply's first
+    positions, in every row, to token ids (``None`` leaves one free): the reply is written
+    around them, as when a tool call is forced to begin the reply.
     """
     resolved = resolve_settings(model, settings, **overrides)
     template_kwargs = {**(chat_template_kwargs or {}), "enable_thinking": enable_thinking, "tools": tools}
@@ -518,6 +521,7 @@ def stream_batch_generate(
         model, [to_encode] if to_encode is not None else ids, max_tokens=max_tokens, settings=resolved,
         eos_token_ids=tokenizer.eos_token_ids, noise=noise, pad_token_id=model.args.pad_token_id or 0,
         cache=prompt_cache.cache if prompt_cache is not None else None,
+        fixed=[list(fixed)] * len(ids) if fixed else None,
     )
     with wired_limit(model):
         try:

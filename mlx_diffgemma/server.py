@@ -58,9 +58,10 @@ from starlette.middleware.cors import CORSMiddleware
 
 from .generate import (GenerationResponse, PromptCache, check_request, fitting_tokens, prepare_prompt, random_seed,
                        resolve_settings, stream_batch_generate, stream_generate)
+from . import anthropic, responses_api
 from .lockstep import Lockstep
 from .model import Model
-from .tools import RequestError, openai_tools, parse_arguments
+from .tools import RequestError, arguments_json, call_id, openai_tools, parse_arguments, tool_choice
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +71,12 @@ MAX_BODY_BYTES = 32 * 2**20
 MAX_JSON_DEPTH = 64
 MAX_CHOICES = 8
 ROLES = ("system", "developer", "user", "assistant", "tool")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 # Sampler fields DiffusionGemma has no counterpart for: accepted only at the value that changes nothing.
 NEUTRAL = {"top_p": (1,), "top_k": (0, -1), "min_p": (0,), "presence_penalty": (0,), "frequency_penalty": (0,),
            "repetition_penalty": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},)}
+ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                    413: "request_too_large", 503: "overloaded_error"}
 LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]+)?"
 
 
@@ -111,6 +115,8 @@ class Job:
     options: dict[str, Any]
     n: int = 1
     tools: list[dict[str, Any]] | None = None
+    template: dict[str, Any] = field(default_factory=dict)  # chat template options (enable_thinking, ...)
+    tool_choice: str | None = None  # "required" or a function's name: the reply starts with a call
     emit: Callable[[Event], None] = lambda event: None  # set by the request that waits for the events
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -189,10 +195,12 @@ class Worker:
     def prepare(self, job: Job) -> tuple[list[int], dict[str, Any]]:
         """Token ids and options, ``max_tokens`` clamped to the context; an ``APIError`` if refused."""
         try:
-            ids = prepare_prompt(self.tokenizer, job.prompt, tools=job.tools)
+            ids = prepare_prompt(self.tokenizer, job.prompt, tools=job.tools, **job.template)
         except Exception as e:  # the chat template refused the conversation
             raise APIError(400, f"cannot apply the chat template: {e}", "messages") from None
         options = dict(job.options)
+        if job.tool_choice not in (None, "auto", "none"):
+            options["fixed"] = self.forced_call(job.tool_choice)
         try:
             settings = resolve_settings(self.model, **{k: options.get(k) for k in EXTRA_SETTINGS})
             room = fitting_tokens(self.model, len(ids), settings.canvas_length)
@@ -204,6 +212,16 @@ class Worker:
         except ValueError as e:
             raise APIError(400, str(e)) from None
         return ids, options
+
+    def forced_call(self, choice: str) -> list[int]:
+        """The tokens a forced tool call begins with, fixed at the start of the reply: the
+        call marker for ``"required"``, and the function's name too for a named one."""
+        start = getattr(self.tokenizer, "tool_call_start", None)
+        if start != "<|tool_call>":
+            raise APIError(400, "'tool_choice' can only force a call on a model with Gemma 4's tool-call format",
+                           "tool_choice")
+        text = start + "call:" + ("" if choice == "required" else choice + "{")
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def responses(self, job: Job, ids: list[int], options: dict[str, Any]) -> Iterator[GenerationResponse]:
         options = {**options, "draft": True}
@@ -352,15 +370,31 @@ def chat_messages(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
-def request_tools(body: dict) -> list[dict[str, Any]] | None:
-    if body.get("tool_choice") not in (None, "auto", "none"):
-        raise APIError(400, "'tool_choice' may only be \"auto\" or \"none\" on this server", "tool_choice")
-    if body.get("tools") is None:
-        return None
+def request_tools(body: dict) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """The request's function tools and its ``tool_choice`` mode; ``"none"`` offers no tools."""
     try:
-        return openai_tools(body["tools"]) or None
+        tools = openai_tools(body["tools"]) if body.get("tools") is not None else []
+        choice = tool_choice(body.get("tool_choice"), tools)
     except RequestError as e:
         raise APIError(400, str(e), e.param) from None
+    return (tools or None) if choice != "none" else None, choice
+
+
+def template_options(body: dict) -> dict[str, Any]:
+    """``chat_template_kwargs``, with ``reasoning_effort`` switching thinking ("none" turns it off)."""
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise APIError(400, "'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if effort not in REASONING_EFFORTS:
+            raise APIError(400, f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}", "reasoning_effort")
+        kwargs = {"enable_thinking": effort not in ("none", "minimal"), **kwargs}
+    if "enable_thinking" in kwargs and not isinstance(kwargs["enable_thinking"], bool):
+        raise APIError(400, "'chat_template_kwargs.enable_thinking' must be true or false", "chat_template_kwargs")
+    return kwargs
 
 
 def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
@@ -447,60 +481,160 @@ def diffusion_stats(rows: list[list[GenerationResponse]]) -> dict[str, Any]:
             "prompt_tps": last.prompt_tps, "generation_tps": last.generation_tps, "peak_memory_gb": last.peak_memory}
 
 
+def row_calls(row: list[GenerationResponse]) -> list[dict[str, Any]]:
+    return [c for r in row for c in r.tool_calls]
+
+
 class ChatReply:
-    """``chat.completion`` objects (and chunks) from the worker's responses."""
+    """``chat.completion`` objects, or their chunks as SSE lines, from the worker's responses."""
 
-    chunk_object = "chat.completion.chunk"
+    def __init__(self, base: dict[str, Any], usage_chunk: bool = False):
+        self.base, self.usage_chunk, self.started, self.calls = base, usage_chunk, set(), {}
+        self.prompt_tokens = 0
 
-    def __init__(self, base: dict[str, Any]):
-        self.base, self.started = base, set()
+    def start(self, prompt_tokens: int) -> list[str]:
+        self.prompt_tokens = prompt_tokens
+        return []
 
-    def chunk(self, r: GenerationResponse) -> dict[str, Any] | None:
+    def chunk(self, r: GenerationResponse) -> list[str]:
         delta: dict[str, Any] = {} if r.index in self.started else {"role": "assistant"}
         self.started.add(r.index)
         if r.text:
             delta["content"] = r.text
         if r.reasoning:
             delta["reasoning_content"] = r.reasoning
+        if r.tool_calls:
+            first = self.calls.get(r.index, 0)
+            self.calls[r.index] = first + len(r.tool_calls)
+            delta["tool_calls"] = [{"index": first + k, **self.tool_call(c)} for k, c in enumerate(r.tool_calls)]
         if not delta:
-            return None
-        return {**self.base, "object": self.chunk_object,
-                "choices": [{"index": r.index, "delta": delta, "finish_reason": None}]}
+            return []
+        return [sse({**self.base, "object": "chat.completion.chunk",
+                     "choices": [{"index": r.index, "delta": delta, "finish_reason": None}]})]
 
-    def finish(self, rows: list[list[GenerationResponse]]) -> dict[str, Any]:
-        return {**self.base, "object": self.chunk_object,
-                "choices": [{"index": i, "delta": {}, "finish_reason": finish_reason(row)} for i, row in enumerate(rows)]}
+    def finish(self, rows: list[list[GenerationResponse]]) -> list[str]:
+        lines = [sse({**self.base, "object": "chat.completion.chunk", "choices": [
+            {"index": i, "delta": {}, "finish_reason": self.finish_reason(row)} for i, row in enumerate(rows)]})]
+        if self.usage_chunk:
+            lines.append(sse({**self.base, "object": "chat.completion.chunk", "choices": [],
+                              "usage": usage(rows, self.prompt_tokens), "diffusion": diffusion_stats(rows)}))
+        return lines + ["data: [DONE]\n\n"]
+
+    def error(self, e: APIError) -> list[str]:
+        return [sse(e.body()), "data: [DONE]\n\n"]
 
     def whole(self, rows: list[list[GenerationResponse]]) -> dict[str, Any]:
         out = []
         for i, row in enumerate(rows):
-            message = {"role": "assistant", "content": "".join(r.text for r in row)}
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(r.text for r in row)}
             if reasoning := "".join(r.reasoning for r in row):
                 message["reasoning_content"] = reasoning
-            out.append({"index": i, "message": message, "finish_reason": finish_reason(row)})
-        return {**self.base, "object": "chat.completion", "choices": out}
+            if calls := row_calls(row):
+                message["tool_calls"] = [self.tool_call(c) for c in calls]
+                message["content"] = message["content"] or None
+            out.append({"index": i, "message": message, "finish_reason": self.finish_reason(row)})
+        return {**self.base, "object": "chat.completion", "choices": out, "usage": usage(rows, self.prompt_tokens),
+                "diffusion": diffusion_stats(rows)}
+
+    @staticmethod
+    def tool_call(call: dict[str, Any]) -> dict[str, Any]:
+        return {"id": call_id(), "type": "function",
+                "function": {"name": call["name"], "arguments": arguments_json(call["arguments"])}}
+
+    @staticmethod
+    def finish_reason(row: list[GenerationResponse]) -> str:
+        return "tool_calls" if row_calls(row) else finish_reason(row)
 
 
 class CompletionReply:
-    """``text_completion`` objects (and chunks) from the worker's responses."""
+    """``text_completion`` objects, or their chunks as SSE lines: the text as the model
+    wrote it (a raw prompt gets a raw continuation, markers included)."""
 
-    chunk_object = "text_completion"
+    def __init__(self, base: dict[str, Any], usage_chunk: bool = False):
+        self.base, self.usage_chunk = {**base, "object": "text_completion"}, usage_chunk
+        self.prompt_tokens = 0
 
-    def __init__(self, base: dict[str, Any]):
-        self.base = {**base, "object": "text_completion"}
+    def start(self, prompt_tokens: int) -> list[str]:
+        self.prompt_tokens = prompt_tokens
+        return []
 
-    def chunk(self, r: GenerationResponse) -> dict[str, Any] | None:
-        if not r.text:
-            return None
-        return {**self.base, "choices": [{"index": r.index, "text": r.text, "finish_reason": None, "logprobs": None}]}
+    def chunk(self, r: GenerationResponse) -> list[str]:
+        if not r.raw:
+            return []
+        return [sse({**self.base, "choices": [{"index": r.index, "text": r.raw, "finish_reason": None, "logprobs": None}]})]
 
-    def finish(self, rows: list[list[GenerationResponse]]) -> dict[str, Any]:
-        return {**self.base, "choices": [{"index": i, "text": "", "finish_reason": finish_reason(row), "logprobs": None}
-                                         for i, row in enumerate(rows)]}
+    def finish(self, rows: list[list[GenerationResponse]]) -> list[str]:
+        lines = [sse({**self.base, "choices": [{"index": i, "text": "", "finish_reason": finish_reason(row), "logprobs": None}
+                                               for i, row in enumerate(rows)]})]
+        if self.usage_chunk:
+            lines.append(sse({**self.base, "choices": [], "usage": usage(rows, self.prompt_tokens),
+                              "diffusion": diffusion_stats(rows)}))
+        return lines + ["data: [DONE]\n\n"]
+
+    def error(self, e: APIError) -> list[str]:
+        return [sse(e.body()), "data: [DONE]\n\n"]
 
     def whole(self, rows: list[list[GenerationResponse]]) -> dict[str, Any]:
-        return {**self.base, "choices": [{"index": i, "text": "".join(r.text for r in row), "logprobs": None,
-                                          "finish_reason": finish_reason(row)} for i, row in enumerate(rows)]}
+        return {**self.base, "usage": usage(rows, self.prompt_tokens), "diffusion": diffusion_stats(rows),
+                "choices": [{"index": i, "text": "".join(r.raw for r in row), "logprobs": None,
+                             "finish_reason": finish_reason(row)} for i, row in enumerate(rows)]}
+
+
+class MessagesReply:
+    """Anthropic Messages API replies (``anthropic.py``): a message, or its stream events."""
+
+    def __init__(self, model_id: str):
+        self.model_id, self.events, self.prompt_tokens = model_id, None, 0
+
+    def start(self, prompt_tokens: int) -> list[str]:
+        self.prompt_tokens = prompt_tokens
+        self.events = anthropic.MessageEvents(self.model_id, prompt_tokens)
+        return [anthropic.sse(*e) for e in self.events.start()]
+
+    def chunk(self, r: GenerationResponse) -> list[str]:
+        return [anthropic.sse(*e) for e in self.events.update(r)]
+
+    def finish(self, rows: list[list[GenerationResponse]]) -> list[str]:
+        return [anthropic.sse(*e) for e in self.events.finish(rows[0][-1] if rows[0] else None)]
+
+    def error(self, e: APIError) -> list[str]:
+        return [anthropic.sse("error", anthropic.error_body(e.message, ANTHROPIC_ERRORS.get(e.status, "api_error")))]
+
+    def whole(self, rows: list[list[GenerationResponse]]) -> dict[str, Any]:
+        return anthropic.message(self.model_id, rows[0], self.prompt_tokens)
+
+
+class ResponsesReply:
+    """OpenAI Responses API replies (``responses_api.py``): a response, or its stream events."""
+
+    def __init__(self, model_id: str, body: dict[str, Any]):
+        self.model_id, self.body, self.builder = model_id, body, None
+
+    def start(self, prompt_tokens: int) -> list[str]:
+        self.builder = responses_api.ResponseBuilder(self.model_id, self.body, prompt_tokens)
+        self.builder.start()
+        return self.drain()
+
+    def chunk(self, r: GenerationResponse) -> list[str]:
+        self.builder.update(r)
+        return self.drain()
+
+    def finish(self, rows: list[list[GenerationResponse]]) -> list[str]:
+        self.builder.finish()
+        return self.drain()
+
+    def error(self, e: APIError) -> list[str]:
+        event = {"type": "error", "code": e.kind, "message": e.message, "param": e.param,
+                 "sequence_number": self.builder.sequence if self.builder else 0}
+        return [anthropic.sse("error", event)]
+
+    def whole(self, rows: list[list[GenerationResponse]]) -> dict[str, Any]:
+        for r in rows[0]:
+            self.builder.update(r)
+        return self.builder.finish()
+
+    def drain(self) -> list[str]:
+        return [anthropic.sse(e["type"], e) for e in self.builder.drain()]
 
 
 class APIKeyAuth:
@@ -508,12 +642,14 @@ class APIKeyAuth:
     hang-up still reaches the route). Preflight requests pass: they carry no key."""
 
     def __init__(self, app, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.app, self.expected, self.key = app, f"Bearer {api_key}".encode(), api_key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS":
-            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-            if not hmac.compare_digest(given, self.expected):
+            headers = dict(scope["headers"])
+            bearer = hmac.compare_digest(headers.get(b"authorization", b""), self.expected)
+            key = hmac.compare_digest(headers.get(b"x-api-key", b""), self.key)  # as Anthropic's clients send it
+            if not (bearer or key):
                 await APIError(401, "invalid or missing API key", kind="authentication_error").response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -537,10 +673,12 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
         app.add_middleware(APIKeyAuth, api_key=api_key)
     app.add_middleware(CORSMiddleware, allow_origins=cors_origins or [],
                        allow_origin_regex=None if cors_origins is not None else LOCAL_ORIGINS,
-                       allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+                       allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type", "X-API-Key", "Anthropic-Version"])
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
+        if request.url.path == "/v1/messages":  # Anthropic clients read their own error shape
+            return JSONResponse(anthropic.error_body(e.message, ANTHROPIC_ERRORS.get(e.status, "api_error")), e.status)
         return e.response()
 
     @app.exception_handler(HTTPException)
@@ -573,7 +711,7 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
             raise APIError(404, f"model '{body['model']}' not found; this server serves '{model_id}'", "model", "not_found_error")
         return body
 
-    async def run(request: Request, job: Job, stream: bool, usage_chunk: bool, reply: ChatReply | CompletionReply):
+    async def run(request: Request, job: Job, stream: bool, reply):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         job.emit = lambda e: loop.call_soon_threadsafe(events.put_nowait, e)
@@ -589,7 +727,7 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
             job.cancelled.set()
             watcher.cancel()
             raise
-
+        opening = reply.start(accepted.prompt_tokens)
         pieces: asyncio.Queue[str | None] = asyncio.Queue()  # SSE lines, when streaming
 
         async def collect() -> tuple[list[GenerationResponse], Exception | None]:
@@ -600,8 +738,9 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
                         pass
                     return responses, event
                 responses.append(event)
-                if stream and (piece := reply.chunk(event)) is not None:
-                    pieces.put_nowait(sse(piece))
+                if stream:
+                    for piece in reply.chunk(event):
+                        pieces.put_nowait(piece)
             return responses, None
 
         if not stream:
@@ -612,26 +751,20 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
                 watcher.cancel()
             if error is not None:
                 raise as_api_error(error)
-            rows = choices(responses, job.n)
-            return JSONResponse({**reply.whole(rows), "usage": usage(rows, accepted.prompt_tokens),
-                                 "diffusion": diffusion_stats(rows)})
+            return JSONResponse(reply.whole(choices(responses, job.n)))
 
         async def events_stream():
             task = asyncio.create_task(collect())
             task.add_done_callback(lambda _: pieces.put_nowait(None))
             try:
+                for piece in opening:
+                    yield piece
                 while (piece := await pieces.get()) is not None:
                     yield piece
                 responses, error = task.result()
-                if error is not None:
-                    yield sse(as_api_error(error).body())
-                else:
-                    rows = choices(responses, job.n)
-                    yield sse(reply.finish(rows))
-                    if usage_chunk:
-                        yield sse({**reply.base, "object": reply.chunk_object, "choices": [],
-                                   "usage": usage(rows, accepted.prompt_tokens), "diffusion": diffusion_stats(rows)})
-                yield "data: [DONE]\n\n"
+                for piece in reply.error(as_api_error(error)) if error is not None else reply.finish(
+                        choices(responses, job.n)):
+                    yield piece
             finally:  # done, or the client went away
                 job.cancelled.set()
                 watcher.cancel()
@@ -639,21 +772,26 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
 
         return StreamingResponse(events_stream(), media_type="text/event-stream")
 
-    def common(body: dict) -> tuple[dict[str, Any], int, bool, bool]:
+    def chat_job(body: dict) -> tuple[Job, bool, bool]:
+        """The job for a chat request (OpenAI's, or one translated from another API)."""
+        messages = chat_messages(body.get("messages"))
+        tools, choice = request_tools(body)
         options = sampling_options(body)
         n = parse_number(body, "n", int, 1, MAX_CHOICES) or 1
         stream = parse_flag(body, "stream")
-        return options, n, stream, stream and include_usage(body)
+        return Job(messages, options, n, tools, template_options(body), choice), stream, stream and include_usage(body)
+
+    def translated(body: dict, translate: Callable[[dict], dict]) -> dict:
+        try:
+            return translate(body)
+        except RequestError as e:
+            raise APIError(400, str(e), e.param) from None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_request(request)
-        messages = chat_messages(body.get("messages"))
-        tools = request_tools(body)
-        options, n, stream, usage_chunk = common(body)
-        job = Job(messages, options, n, tools)
+        job, stream, usage_chunk = chat_job(await read_request(request))
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
-        return await run(request, job, stream, usage_chunk, ChatReply(base))
+        return await run(request, job, stream, ChatReply(base, usage_chunk))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -663,10 +801,22 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "'prompt' must be a non-empty string", "prompt")
-        options, n, stream, usage_chunk = common(body)
-        job = Job(prompt, options, n)
+        options = sampling_options(body)
+        n = parse_number(body, "n", int, 1, MAX_CHOICES) or 1
+        stream = parse_flag(body, "stream")
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
-        return await run(request, job, stream, usage_chunk, CompletionReply(base))
+        return await run(request, Job(prompt, options, n), stream, CompletionReply(base, stream and include_usage(body)))
+
+    @app.post("/v1/messages")
+    async def messages(request: Request):
+        job, stream, _ = chat_job(translated(await read_request(request), anthropic.chat_request))
+        return await run(request, job, stream, MessagesReply(model_id))
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        body = await read_request(request)
+        job, stream, _ = chat_job(translated(body, responses_api.chat_request))
+        return await run(request, job, stream, ResponsesReply(model_id, body))
 
     return app
 
