@@ -703,11 +703,11 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "mlx-diffgemma"}]}
 
-    async def read_request(request: Request) -> dict[str, Any]:
+    async def read_request(request: Request, any_model: bool = False) -> dict[str, Any]:
         if not worker.alive:
             raise worker_died()
         body = await read_json(request)
-        if body.get("model") not in (None, model_id):
+        if not any_model and body.get("model") not in (None, model_id):
             raise APIError(404, f"model '{body['model']}' not found; this server serves '{model_id}'", "model", "not_found_error")
         return body
 
@@ -809,7 +809,9 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
 
     @app.post("/v1/messages")
     async def messages(request: Request):
-        job, stream, _ = chat_job(translated(await read_request(request), anthropic.chat_request))
+        # Any model name: Anthropic clients send their own, and this server has one model to offer.
+        body = await read_request(request, any_model=True)
+        job, stream, _ = chat_job(translated({**body, "model": None}, anthropic.chat_request))
         return await run(request, job, stream, MessagesReply(model_id))
 
     @app.post("/v1/responses")

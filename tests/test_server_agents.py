@@ -151,3 +151,17 @@ def test_anthropic_clients_authenticate_with_x_api_key(hf_checkpoint):
         assert ok.status_code == 200 and ok.json()["type"] == "message"
     finally:
         server.stop()
+
+
+def test_readme_agent_examples_run_against_the_server(live, monkeypatch):
+    """The README's "Agents and tools" Python examples, as written but for the address."""
+    import re
+    from pathlib import Path
+
+    monkeypatch.setattr(live.app.state.worker, "generate", scripted(TOOL_TURN))
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Agents and tools", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    for code in blocks:
+        exec(code.replace("http://localhost:1234", live.base), {})
