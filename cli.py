@@ -49,6 +49,13 @@ ScTopK = typer.Option(
     help="Self-condition on each position's k most likely tokens only (faster on large vocabularies; "
     "not the reference's full softmax, which is the default, 0).")
 AdapterPath = typer.Option(None, "--adapter-path", help="LoRA adapters from 'finetune --lora' to apply.")
+Think = typer.Option(
+    None, "--think/--no-think", show_default=False,
+    help="Ask the model to reason before it answers, or not (default: as the chat template decides).")
+Tools = typer.Option(
+    None, "--tools", metavar="FILE", show_default=False,
+    help='A JSON file of function tools the model may call, in OpenAI form: [{"type": "function", "function": '
+    '{"name": ..., "description": ..., "parameters": {...}}}].')
 
 
 def show_version(value: bool) -> None:
@@ -81,6 +88,20 @@ def resolve_model(model: str | None, adapter_path: str | None = None) -> str:
         except ValueError as e:
             fail(str(e))
     return model or DEFAULT_MODEL
+
+
+def read_tools(path: Path | None) -> list[dict] | None:
+    """The tools declared in ``path`` (--tools), checked; exits with a one-line error on a bad file."""
+    import json
+
+    from mlx_diffgemma.tools import openai_tools
+
+    if path is None:
+        return None
+    try:
+        return openai_tools(json.loads(path.read_text()), param=str(path))
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and RequestError among them
+        fail(f"--tools: {e}")
 
 
 def load_or_fail(model: str, sharded: bool = False, adapter_path: str | None = None, console: Console | None = None):
@@ -137,11 +158,20 @@ def generate(
         help="Denoise the last canvas only as long as the tokens still wanted (faster; that canvas differs from the reference)."),
     sc_top_k: Optional[int] = ScTopK,
     adapter_path: Optional[str] = AdapterPath,
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    think: Optional[bool] = Think,
+    tools: Optional[Path] = Tools,
+    hide_reasoning: bool = typer.Option(False, "--hide-reasoning", help="Do not print the model's reasoning."),
 ):
     """Answer one prompt and print the reply as it is committed, canvas by canvas.
 
-    Under mlx.launch every rank holds a slice of the model and rank 0 prints.
+    The answer goes to standard output; the reasoning, when the model thinks, to standard error
+    (dimmed on a terminal). Tool calls follow the answer on standard output, one JSON object per
+    line: {"name": ..., "arguments": {...}}. Under mlx.launch every rank holds a slice of the
+    model and rank 0 prints.
     """
+    import json
+
     import mlx.core as mx
 
     from mlx_diffgemma import stream_generate
@@ -152,25 +182,47 @@ def generate(
         prompt = sys.stdin.read().removesuffix("\n")
     if not prompt.strip():
         fail("empty prompt")
+    templated = [flag for flag, value in (("--system", system), ("--tools", tools), ("--think/--no-think", think))
+                 if value is not None]
+    if raw and templated:
+        fail(f"{', '.join(templated)} need the chat template; leave out --raw")
+    tool_list = read_tools(tools)
     model = resolve_model(model, adapter_path)
     model_obj, tokenizer = load_or_fail(model, sharded=True, adapter_path=adapter_path)
     rank0 = mx.distributed.init().rank() == 0
-    echo = print if rank0 else (lambda *args, **kwargs: None)  # only rank 0 writes the reply
-    last = None
+    # Only rank 0 writes the reply; reasoning goes to stderr, dimmed on a terminal (click drops the style elsewhere).
+    echo = print if rank0 else (lambda *args, **kwargs: None)
+    show_reasoning = rank0 and not hide_reasoning
+    messages = [{"role": "system", "content": system}] if system else []
+    last, thinking, answered, calls = None, False, False, []
     try:
-        ids = prepare_prompt(tokenizer, prompt if raw else [{"role": "user", "content": prompt}])
+        ids = prepare_prompt(tokenizer, prompt if raw else [*messages, {"role": "user", "content": prompt}],
+                             enable_thinking=think, tools=tool_list)
         for last in fit_context(stream_generate, DEFAULT_MAX_TOKENS)(
             model_obj, tokenizer, ids, max_tokens, steps=steps, entropy_bound=entropy_bound,
             t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed, short_final_canvas=short_final_canvas,
             self_conditioning_top_k=sc_top_k,
         ):
+            if last.reasoning and show_reasoning:
+                typer.secho(last.reasoning, dim=True, err=True, nl=False)
+                thinking = True
+            if last.text and thinking:
+                typer.echo(err=True)
+                thinking = False
             echo(last.text, end="", flush=True)
+            answered = answered or bool(last.text)
+            calls += last.tool_calls
     except ValueError as e:
         fail(str(e))
     except KeyboardInterrupt:
         echo()
         raise typer.Exit(130)
-    echo()
+    if thinking:
+        typer.echo(err=True)
+    if answered or not calls:
+        echo()
+    for call in calls:
+        echo(json.dumps(call, ensure_ascii=False), flush=True)
     if stats and last is not None and rank0:
         from mlx_diffgemma.repl import format_stats
 
@@ -191,8 +243,11 @@ def chat(
     no_draft: bool = typer.Option(False, "--no-draft", help="Stream committed text only, without the live denoising view."),
     sc_top_k: Optional[int] = ScTopK,
     adapter_path: Optional[str] = AdapterPath,
+    think: Optional[bool] = Think,
+    tools: Optional[Path] = Tools,
 ):
-    """Chat in the terminal; each canvas is shown denoising live. /help lists the commands.
+    """Chat in the terminal; each canvas is shown denoising live. /help lists the commands
+    (/think turns thinking on or off; /tool-result answers a tool call by hand).
 
     Under mlx.launch every rank holds a slice of the model; rank 0 reads your messages.
     """
@@ -202,6 +257,7 @@ def chat(
     from mlx_diffgemma.repl import fit_context, run_chat
 
     console = Console(highlight=False)
+    tool_list = read_tools(tools)
     model = resolve_model(model, adapter_path)
     model_obj, tokenizer = load_or_fail(model, sharded=True, adapter_path=adapter_path, console=console)
     if not tokenizer.has_chat_template:
@@ -211,7 +267,7 @@ def chat(
         run_chat(
             model_obj, tokenizer, system=system, draft=not no_draft, console=console,
             generator=fit_context(lockstep.stream if lockstep else stream_generate, DEFAULT_MAX_TOKENS),
-            sharded=lockstep is not None, max_tokens=max_tokens,
+            sharded=lockstep is not None, enable_thinking=think, tools=tool_list, max_tokens=max_tokens,
             steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed,
             self_conditioning_top_k=sc_top_k,
         )

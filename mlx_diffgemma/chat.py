@@ -1,40 +1,16 @@
-"""Multi-turn chat on top of ``stream_generate``: history, cache reuse, and reply formatting.
-
-Gemma 4's chat format may put a reasoning span ``<|channel>thought\\n...<channel|>`` before
-the answer and tool calls as ``<|tool_call>call:NAME{...}<tool_call|>``; ``split_reply``
-separates them so that no marker reaches the user as text.
-"""
+"""Multi-turn chat on top of ``stream_generate``: history and cache reuse. Replies come
+split into answer, reasoning and tool calls by ``stream_generate`` (see ``reply.py``)."""
 
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from .generate import GenerationResponse, PromptCache, stream_generate
 from .model import Model
 
-REASONING = re.compile(r"<\|channel>(?:thought)?\n?(.*?)(?:<channel\|>|$)", re.S)
-TOOL_CALL = re.compile(r"<\|tool_call>call:(.*?)(?:<tool_call\|>|$)", re.S)
 TEMPLATE_OPTIONS = ("enable_thinking", "tools", "chat_template_kwargs")
-MARKERS = re.compile(r"<\|?(?:turn|channel|tool_call|tool_response|tool|think)\|?>|<bos>|<eos>")
-
-
-@dataclass
-class Reply:
-    answer: str
-    reasoning: str
-    tool_calls: list[str]
-
-
-def split_reply(text: str) -> Reply:
-    """Answer, reasoning and tool calls of a (possibly partial) model reply, markers removed."""
-    reasoning = "\n".join(m.strip() for m in REASONING.findall(text))
-    tool_calls = [m.strip() for m in TOOL_CALL.findall(text)]
-    answer = TOOL_CALL.sub("", REASONING.sub("", text))
-    return Reply(MARKERS.sub("", answer).strip(), MARKERS.sub("", reasoning), tool_calls)
 
 
 class ChatSession:

@@ -14,16 +14,19 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from .chat import ChatSession, split_reply
+from .chat import ChatSession
 from .generate import GenerationResponse, fitting_tokens, resolve_settings, stream_generate
+from .reply import Markers, Reply, parse_reply
 
 HELP = """Commands:
-  /reset           forget the conversation
-  /system <text>   set the system prompt (starts a new conversation)
-  /stats           speed and denoising statistics of the last reply
-  /save <file>     write the conversation as JSON
-  /help            this list
-  /exit            quit (or Ctrl-D)
+  /reset               forget the conversation
+  /system <text>       set the system prompt (starts a new conversation)
+  /think               turn thinking on or off for the next turns
+  /tool-result <json>  answer the last reply's tool call with a result; the model goes on
+  /stats               speed and denoising statistics of the last reply
+  /save <file>         write the conversation as JSON
+  /help                this list
+  /exit                quit (or Ctrl-D)
 Ctrl-C stops a reply at its next update (twice: at once); the conversation keeps what was said."""
 # Terminal control characters (C0 but newline and tab, DEL, C1): model output could move the
 # cursor, recolour or clear the screen, or ring the bell with them.
@@ -75,16 +78,28 @@ def format_stats(r: GenerationResponse) -> str:
     )
 
 
-def render(committed: str, draft: str | None = None) -> Group:
-    """The reply so far: reasoning dimmed, the answer, tool calls, and the settling draft."""
-    reply = split_reply(committed)
+def format_call(call: dict[str, Any]) -> str:
+    """A tool call as it reads in code: ``get_weather(location="Paris")``."""
+    arguments = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in call["arguments"].items())
+    return f"{call['name']}({arguments})"
+
+
+def render(reply: Reply, draft: Reply | None = None) -> Group:
+    """The reply so far: the reasoning dimmed while it streams, one dimmed line once the answer
+    or a tool call starts; the answer; tool calls; and the settling draft's new text, dimmed.
+    ``draft`` is the whole reply as the live canvas would complete it."""
     parts = []
-    if reply.reasoning:
+    if reply.reasoning and not (reply.answer or reply.tool_calls):
         parts.append(Text(printable(reply.reasoning), style="dim italic"))
-    parts.append(Text(printable(reply.answer)))
-    parts += [Text(f"[tool call] {printable(call)}", style="cyan") for call in reply.tool_calls]
-    if draft is not None:
-        parts.append(Text(printable(split_reply(draft).answer), style="dim"))
+    elif reply.reasoning:
+        parts.append(Text(f"thought for {plural(len(reply.reasoning.split()), 'word')}", style="dim"))
+    if reply.answer:
+        parts.append(Text(printable(reply.answer)))
+    parts += [Text(f"→ {printable(format_call(call))}", style="cyan") for call in reply.tool_calls]
+    if draft is not None and draft.answer.startswith(reply.answer) and draft.answer != reply.answer:
+        parts.append(Text(printable(draft.answer[len(reply.answer):]), style="dim"))
+    elif draft is not None and draft.reasoning.startswith(reply.reasoning) and draft.reasoning != reply.reasoning:
+        parts.append(Text(printable(draft.reasoning[len(reply.reasoning):]), style="dim italic"))
     return Group(*parts)
 
 
@@ -93,8 +108,11 @@ class Repl:
     and stops the launcher's forwarding of input, so the reply stops at the next update,
     where all ranks agree, and the chat exits, releasing the other ranks."""
 
-    def __init__(self, session: ChatSession, console: Console, draft: bool = True, sharded: bool = False):
+    def __init__(self, session: ChatSession, console: Console, draft: bool = True, sharded: bool = False,
+                 enable_thinking: bool | None = None):
         self.session, self.console, self.draft, self.sharded = session, console, draft, sharded
+        self.enable_thinking = enable_thinking  # None: as the chat template decides
+        self.markers = Markers.of(session.tokenizer)
 
     def command(self, line: str) -> bool:
         """Run a /command; False means exit."""
@@ -108,6 +126,11 @@ class Repl:
         elif name == "/system":
             self.session.set_system(arg)
             self.console.print("[dim]system prompt set; conversation reset[/dim]" if arg else "[dim]system prompt cleared[/dim]")
+        elif name == "/think":
+            self.enable_thinking = not self.enable_thinking
+            self.console.print(f"thinking {'on' if self.enable_thinking else 'off'} for the next turns", style="dim")
+        elif name == "/tool-result":
+            return self.tool_result(arg)
         elif name == "/stats":
             last = self.session.last
             self.console.print(format_stats(last) if last else "no reply yet", markup=False)
@@ -130,10 +153,32 @@ class Repl:
     def error(self, message: str) -> None:
         self.console.print(f"error: {message}", style="red", markup=False, soft_wrap=True)
 
+    def tool_result(self, content: str) -> bool:
+        """Send ``content`` (JSON) as the result of the last reply's tool call; False means exit."""
+        last = self.session.messages[-1] if self.session.messages else {}
+        calls = last.get("tool_calls") if last.get("role") == "assistant" else None
+        if not calls:
+            self.error("the last reply made no tool call")
+            return True
+        try:
+            json.loads(content)
+        except json.JSONDecodeError as e:
+            self.error(f"/tool-result needs JSON: /tool-result <json> ({e})")
+            return True
+        name = calls[0]["function"]["name"] if len(calls) == 1 else None
+        return self.stream(self.session.send_tool_result(content, name=name, **self.turn_options()))
+
+    def turn_options(self) -> dict[str, Any]:
+        return {"draft": self.draft, "enable_thinking": self.enable_thinking}
+
     def reply(self, text: str) -> bool:
-        """Stream a reply; False means exit. Ctrl-C stops it at the next update (draft or
-        canvas); a second one at once, unless sharded."""
-        committed, requests = "", []
+        """Stream a reply; False means exit."""
+        return self.stream(self.session.send(text, **self.turn_options()))
+
+    def stream(self, stream: Iterator[GenerationResponse]) -> bool:
+        """Show a reply as it streams; False means exit. Ctrl-C stops it at the next update
+        (draft or canvas); a second one at once, unless sharded."""
+        reply, raw, requests = Reply(), "", []
 
         def on_interrupt(signum, frame) -> None:
             if requests and not self.sharded:
@@ -142,17 +187,20 @@ class Repl:
 
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, on_interrupt) if main else None
-        stream = self.session.send(text, draft=self.draft)
         try:
-            with Live(render(""), console=self.console, refresh_per_second=15, transient=True) as live:
+            with Live(render(reply), console=self.console, refresh_per_second=15, transient=True) as live:
                 for r in stream:
-                    committed += r.text
-                    live.update(render(committed, r.draft))
+                    reply.answer += r.text
+                    reply.reasoning += r.reasoning
+                    reply.tool_calls += r.tool_calls
+                    raw += r.raw
+                    draft = None if r.draft is None else parse_reply(raw + r.draft, self.markers, finished=False)
+                    live.update(render(reply, draft))
                     if requests:
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             stream.close()
-            self.console.print(render(committed))
+            self.console.print(render(reply))
             self.console.print(Text("[interrupted; Ctrl-C ends a sharded chat]" if self.sharded else "[interrupted]",
                                     style="dim"))
             return not self.sharded
@@ -165,7 +213,7 @@ class Repl:
         finally:
             if main:
                 signal.signal(signal.SIGINT, previous)
-        self.console.print(render(committed))
+        self.console.print(render(reply))
         return True
 
     def run(self) -> None:
@@ -196,7 +244,9 @@ class Repl:
 
 
 def run_chat(model, tokenizer, *, system: str | None, draft: bool, console: Console | None = None,
-             generator: Generator = stream_generate, sharded: bool = False, **options: Any) -> None:
+             generator: Generator = stream_generate, sharded: bool = False, enable_thinking: bool | None = None,
+             **options: Any) -> None:
+    """The REPL over a new ``ChatSession``; ``options`` (``tools``, generation settings) go to the session."""
     console = console or Console(highlight=False)
     session = ChatSession(model, tokenizer, system=system, generator=generator, **options)
-    Repl(session, console, draft=draft, sharded=sharded).run()
+    Repl(session, console, draft=draft, sharded=sharded, enable_thinking=enable_thinking).run()

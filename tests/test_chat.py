@@ -1,4 +1,4 @@
-"""Chat: reply formatting, cache reuse across turns, and the real terminal REPL in a pseudo-terminal."""
+"""Chat: reply display, cache reuse across turns, and the real terminal REPL in a pseudo-terminal."""
 
 import io
 import json
@@ -14,21 +14,42 @@ import pytest
 from rich.console import Console
 
 from mlx_diffgemma import generate, load
-from mlx_diffgemma.chat import ChatSession, split_reply
-from mlx_diffgemma.repl import render
+from mlx_diffgemma.chat import ChatSession
+from mlx_diffgemma.reply import Reply
+from mlx_diffgemma.repl import format_call, render
 
 CLI = str(Path(__file__).parents[1] / "cli.py")
+AGENT_MODEL = Path(__file__).parent / "fixtures" / "agent_model"
 FAST = dict(max_tokens=24, steps=3)
+WEATHER_TOOLS = [{  # as the agent fixture was trained with
+    "type": "function",
+    "function": {"name": "get_weather", "description": "Get the current weather in a city.",
+                 "parameters": {"type": "object", "properties": {"location": {"type": "string", "description": "The city name."}},
+                                "required": ["location"]}},
+}]
 
 
-def test_split_reply_separates_reasoning_and_tool_calls_and_hides_markers():
-    text = "<|channel>thought\nLet me think.<channel|>The answer is 4.<|tool_call>call:calc{x:2}<tool_call|><turn|>"
-    reply = split_reply(text)
-    assert reply.reasoning == "Let me think."
-    assert reply.answer == "The answer is 4."
-    assert reply.tool_calls == ["calc{x:2}"]
-    partial = split_reply("<|channel>thought\nstill thinking")
-    assert partial.answer == "" and partial.reasoning == "still thinking"
+def shown(*renderables) -> str:
+    console = Console(file=io.StringIO(), force_terminal=True, color_system=None, width=200)
+    for r in renderables:
+        console.print(r)
+    return console.file.getvalue()
+
+
+def test_reasoning_streams_in_full_then_collapses_to_one_line_when_the_answer_starts():
+    thinking = shown(render(Reply(reasoning="Let me add two and two.")))
+    assert thinking.strip() == "Let me add two and two."
+    answering = shown(render(Reply(answer="It is 4.", reasoning="Let me add two and two.")))
+    assert answering.splitlines() == ["thought for 6 words", "It is 4."]
+
+
+def test_tool_calls_read_as_calls_and_the_draft_shows_only_what_is_new():
+    call = {"name": "get_weather", "arguments": {"location": "Paris", "days": 2, "units": None}}
+    assert format_call(call) == 'get_weather(location="Paris", days=2, units=null)'
+    out = shown(render(Reply(reasoning="Weather, so a call.", tool_calls=[call])))
+    assert out.splitlines() == ["thought for 4 words", '→ get_weather(location="Paris", days=2, units=null)']
+    assert shown(render(Reply(answer="Hi"), draft=Reply(answer="Hi there"))).splitlines() == ["Hi", " there"]
+    assert shown(render(Reply(reasoning="Hm"), draft=Reply(reasoning="Hm, so"))).splitlines() == ["Hm", ", so"]
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +109,12 @@ def spawn_chat(checkpoint, *args):
 
 
 def test_model_output_cannot_drive_the_terminal():
-    console = Console(file=io.StringIO(), force_terminal=True, color_system=None, width=200)
-    console.print(render("<|channel>thought\nhm\x1b]0;x\x07<channel|>Hi\x1b[2J\rthere\x08\x9b!\n\tok<|tool_call>call:f{\x1b[31m}",
-                         draft="more\x1b[H\x00"))
-    out = console.file.getvalue()
+    answer = "Hi\x1b[2J\rthere\x08\x9b!\n\tok"
+    reply = Reply(answer=answer, reasoning="hm\x1b]0;x\x07", tool_calls=[{"name": "f", "arguments": {"a": "\x1b[31m"}}])
+    out = shown(render(reply, draft=Reply(answer=answer + "more\x1b[H\x00")), render(Reply(reasoning="hm\x1b]0;x\x07")))
     assert not any(c in out for c in "\x1b\x07\r\x08\x9b\x00")
     assert "Hi\\x1b[2J\\rthere\\x08\\x9b!\n" in out and "more\\x1b[H\\x00" in out  # newlines kept (tabs: rich expands them)
+    assert "hm\\x1b]0;x\\x07" in out
 
 
 def test_chat_repl_turns_stats_reset_context_full_commands_and_ctrl_d(small_context_checkpoint, tmp_path):
@@ -206,3 +227,112 @@ def test_a_failed_load_clears_the_spinner_before_the_error(tmp_path):
     # The spinner's last frame is drawn and erased (cursor up, erase line) before the error is written.
     assert out.rindex("Loading") < out.rindex("\x1b[2K") < out.index("error: cannot load")
     assert re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out).strip().splitlines()[-1].startswith("error: cannot load")
+
+
+# A chat REPL whose replies are scripted from the prompt the session renders (the agent fixture's
+# template: thinking on puts <|think|> in the system turn), so that the display of reasoning and
+# tool calls is tested without a model that writes them on cue.
+SCRIPTED_CHAT = """
+import sys
+from rich.console import Console
+from mlx_diffgemma import load
+from mlx_diffgemma.generate import GenerationResponse
+from mlx_diffgemma.repl import run_chat
+
+def update(**fields):
+    return GenerationResponse(**{"text": "", "tokens": [], "draft": None, "step": None, "prompt_tokens": 1,
+                                 "prompt_tps": 1.0, "cached_tokens": 0, "generation_tokens": 1, "generation_tps": 1.0,
+                                 "finish_reason": None, **fields})
+
+def scripted(model, tokenizer, ids, prompt_cache=None, **options):
+    prompt = tokenizer.decode(ids)
+    last_user_turn = prompt[prompt.rfind("<|turn>user"):]
+    if "<|think|>" in prompt:
+        yield update(reasoning="The user asked something, ")
+        yield update(reasoning="so I answer.")
+    if prompt.endswith("<tool_response|>"):
+        temperature = prompt[prompt.rfind("temperature"):].split(":")[1].split("}")[0].strip()
+        yield update(text=f"It is {temperature} degrees.", finish_reason="stop")
+    elif "weather" in last_user_turn:
+        yield update(tool_calls=[{"name": "get_weather", "arguments": {"location": "Paris"}}], finish_reason="stop")
+    else:
+        yield update(text="Hello there.", finish_reason="stop")
+
+model, tokenizer = load(sys.argv[1])
+run_chat(model, tokenizer, system=None, draft=False, console=Console(highlight=False), generator=scripted,
+         enable_thinking={"on": True, "off": False}[sys.argv[2]])
+"""
+
+
+def spawn_scripted_chat(thinking: str):
+    child = pexpect.spawn(sys.executable, ["-c", SCRIPTED_CHAT, str(AGENT_MODEL), thinking], encoding="utf-8",
+                          codec_errors="replace", timeout=60, dimensions=(40, 120))
+    child.expect(">>> ")
+    return child
+
+
+def test_think_command_toggles_thinking_and_the_reasoning_collapses_once_the_answer_starts():
+    child = spawn_scripted_chat("off")
+    child.sendline("Hi")
+    child.expect("Hello there.")
+    child.expect(">>> ")
+    assert "thought for" not in child.before
+    child.sendline("/think")
+    child.expect("thinking on for the next turns")
+    child.expect(">>> ")
+    child.sendline("Hi again")
+    child.expect("thought for 7 words")
+    child.expect("Hello there.")
+    child.expect(">>> ")
+    child.sendline("/think")
+    child.expect("thinking off for the next turns")
+    child.expect(">>> ")
+    child.sendline("/help")
+    child.expect("/tool-result <json>")
+    child.expect(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+
+
+def test_tool_result_answers_the_call_shown_and_is_refused_without_one(tmp_path):
+    child = spawn_scripted_chat("on")
+    child.sendline('/tool-result {"temperature": 21}')
+    child.expect("error: the last reply made no tool call")
+    child.expect(">>> ")
+    child.sendline("What is the weather in Paris?")
+    child.expect("thought for 7 words")
+    child.expect(r'→ get_weather\(location="Paris"\)')
+    child.expect(">>> ")
+    child.sendline("/tool-result {temperature: 21}")
+    child.expect("error: /tool-result needs JSON")
+    child.expect(">>> ")
+    child.sendline('/tool-result {"temperature": 21}')
+    child.expect("It is 21 degrees.")
+    child.expect(">>> ")
+    child.sendline(f"/save {tmp_path / 'chat.json'}")
+    child.expect("saved 4 messages")
+    child.expect(">>> ")
+    child.sendline('/tool-result {"temperature": 22}')
+    child.expect("error: the last reply made no tool call")
+    child.expect(">>> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    messages = json.loads((tmp_path / "chat.json").read_text())
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+    assert messages[1]["tool_calls"] == [{"type": "function", "function": {"name": "get_weather", "arguments": {"location": "Paris"}}}]
+    assert messages[2] == {"role": "tool", "content": '{"temperature": 21}', "name": "get_weather"}
+
+
+def test_chat_with_tools_on_the_agent_model_shows_its_call_and_answers_a_tool_result(tmp_path):
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(WEATHER_TOOLS))
+    child = spawn_chat(AGENT_MODEL, "--tools", str(tools), "--think", "--seed", "0", "--no-draft")
+    child.sendline("What is the weather in Paris?")
+    child.expect(r"thought for \d+ words")
+    child.expect(r'→ get_weather\(location="\w+"\)')
+    child.expect(">>> ")
+    child.sendline('/tool-result {"temperature": 21}')
+    child.expect(">>> ")
+    assert "error" not in child.before
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
