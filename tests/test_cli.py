@@ -47,6 +47,8 @@ def test_help_text_has_no_flag_placeholders_or_markup():
     assert "--raw Send the prompt" in helps["generate"] and "--version Print the version" in helps[""]
     assert "pip install 'mlx-diffgemma[plot]'" in helps["bench"]
     assert "one trailing newline, as echo adds, is dropped" in helps["generate"]
+    assert 'one JSON object per line: {"name": ..., "arguments": {...}}' in helps["generate"]
+    assert all("--think / --no-think" in helps[c] and "--tools FILE" in helps[c] for c in ("generate", "chat"))
     assert "default: the checkpoint's own" in helps["convert"]
     assert all(describe_mode(mode) in helps["convert"] for mode in MODES)
     assert "--cors-origin" in helps["serve"] and "localhost" in helps["serve"]
@@ -186,3 +188,88 @@ def test_serve_on_a_busy_port_fails_before_loading_the_model(tmp_path):
         port = busy.getsockname()[1]
         line = one_error_line(invoke("serve", "--model", str(tmp_path / "no-model-here"), "--port", str(port)))
     assert f"port {port}" in line and "in use" in line and "no-model-here" not in line
+
+
+AGENT_MODEL = str(Path(__file__).parent / "fixtures" / "agent_model")  # a Gemma-4-style template: thinking, tools
+WEATHER_TOOLS = [{  # as the agent fixture was trained with
+    "type": "function",
+    "function": {"name": "get_weather", "description": "Get the current weather in a city.",
+                 "parameters": {"type": "object", "properties": {"location": {"type": "string", "description": "The city name."}},
+                                "required": ["location"]}},
+}]
+
+
+@pytest.fixture
+def scripted_reply(monkeypatch):
+    """``generate`` gets a reply that thinks, answers and calls a tool; returns the prompts it was sent, decoded."""
+    from mlx_diffgemma.generate import GenerationResponse
+
+    prompts = []
+
+    def scripted(model, tokenizer, ids, max_tokens=None, **options):
+        prompts.append(tokenizer.decode(ids))
+        base = dict(tokens=[], draft=None, step=None, prompt_tokens=len(ids), prompt_tps=1.0, cached_tokens=0,
+                    generation_tokens=1, generation_tps=1.0)
+        yield GenerationResponse(text="", reasoning="Two and ", **base)
+        yield GenerationResponse(text="", reasoning="two.", **base)
+        yield GenerationResponse(text="It is 4.", **base)
+        yield GenerationResponse(text="", tool_calls=[{"name": "get_weather", "arguments": {"location": "Paris"}}],
+                                 finish_reason="stop", **base)
+
+    monkeypatch.setattr(mlx_diffgemma, "stream_generate", scripted)
+    return prompts
+
+
+def tools_file(tmp_path: Path, tools) -> str:
+    path = tmp_path / "tools.json"
+    path.write_text(tools if isinstance(tools, str) else json.dumps(tools))
+    return str(path)
+
+
+def test_generate_writes_reasoning_to_stderr_the_answer_to_stdout_then_tool_calls_as_json_lines(scripted_reply):
+    result = invoke("generate", "--model", AGENT_MODEL, "What is 2+2?")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == 'It is 4.\n{"name": "get_weather", "arguments": {"location": "Paris"}}\n'
+    assert result.stderr == "Two and two.\n"
+    hidden = invoke("generate", "--model", AGENT_MODEL, "--hide-reasoning", "What is 2+2?")
+    assert hidden.exit_code == 0 and hidden.stdout == result.stdout and hidden.stderr == ""
+
+
+def test_generate_renders_system_think_and_tools_into_the_chat_template(scripted_reply, tmp_path):
+    assert invoke("generate", "--model", AGENT_MODEL, "--think", "Hi").exit_code == 0
+    result = invoke("generate", "--model", AGENT_MODEL, "--no-think", "--system", "Be brief.",
+                    "--tools", tools_file(tmp_path, WEATHER_TOOLS), "Hi")
+    assert result.exit_code == 0, result.output
+    thinking, plain = scripted_reply
+    assert "<|think|>" in thinking and "<|think|>" not in plain
+    assert "Be brief." in plain and "get_weather" in plain and "The city name." in plain
+
+
+@pytest.mark.parametrize("tools, message", [
+    ("[not json", "--tools: Expecting value"),
+    ({"type": "function"}, "must be a list"),
+    ([{"name": "get_weather"}], 'must be {"type": "function", "function": {...}}'),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}], "not a valid JSON schema"),
+])
+def test_a_bad_tools_file_is_one_error_line(tmp_path, tools, message):
+    for command in (["generate", "Hi"], ["chat"]):
+        line = one_error_line(invoke(*command, "--model", AGENT_MODEL, "--tools", tools_file(tmp_path, tools)))
+        assert message in line, line
+    line = one_error_line(invoke("generate", "--model", AGENT_MODEL, "--tools", str(tmp_path / "missing.json"), "Hi"))
+    assert line.startswith("error: --tools: ") and "missing.json" in line
+
+
+def test_raw_refuses_the_flags_that_need_the_chat_template(tmp_path):
+    line = one_error_line(invoke("generate", "--model", SUDOKU_MODEL, "--raw", "--system", "Be brief.", "--no-think", "1"))
+    assert line == "error: --system, --think/--no-think need the chat template; leave out --raw"
+    line = one_error_line(invoke("generate", "--model", SUDOKU_MODEL, "--raw", "--tools", tools_file(tmp_path, WEATHER_TOOLS), "1"))
+    assert line == "error: --tools need the chat template; leave out --raw"
+
+
+def test_generate_on_the_agent_model_thinks_on_stderr_and_prints_its_tool_call_on_stdout(tmp_path):
+    result = invoke("generate", "--model", AGENT_MODEL, "--think", "--seed", "0", "--tools", tools_file(tmp_path, WEATHER_TOOLS),
+                    "What is the weather in Paris?")
+    assert result.exit_code == 0, result.output
+    call = json.loads(result.stdout)  # no answer: the call alone
+    assert call["name"] == "get_weather" and set(call["arguments"]) == {"location"}
+    assert "get_weather" in result.stderr and "<|channel>" not in result.stderr + result.stdout
