@@ -12,24 +12,14 @@ from pathlib import Path
 import pytest
 from mlx_lm.tool_parsers import gemma4
 
+from fixtures.build_agent_model import WEATHER_TOOL  # the schema the fixture was trained with
+
 from mlx_diffgemma import load
 from mlx_diffgemma.generate import stream_batch_generate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "agent_model"
 SEEDS = range(10)
 MARKERS = ("<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<|turn>", "<turn|>", '<|"|>')
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"location": {"type": "string", "description": "The city name."}},
-            "required": ["location"],
-        },
-    },
-}
 
 
 @pytest.fixture(scope="module")

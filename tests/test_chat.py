@@ -13,6 +13,8 @@ import pytest
 
 from rich.console import Console
 
+from fixtures.build_agent_model import WEATHER_TOOL
+
 from mlx_diffgemma import generate, load
 from mlx_diffgemma.chat import ChatSession
 from mlx_diffgemma.reply import Reply
@@ -21,12 +23,7 @@ from mlx_diffgemma.repl import format_call, render
 CLI = str(Path(__file__).parents[1] / "cli.py")
 AGENT_MODEL = Path(__file__).parent / "fixtures" / "agent_model"
 FAST = dict(max_tokens=24, steps=3)
-WEATHER_TOOLS = [{  # as the agent fixture was trained with
-    "type": "function",
-    "function": {"name": "get_weather", "description": "Get the current weather in a city.",
-                 "parameters": {"type": "object", "properties": {"location": {"type": "string", "description": "The city name."}},
-                                "required": ["location"]}},
-}]
+WEATHER_TOOLS = [WEATHER_TOOL]  # the schema the agent fixture was trained with
 
 
 def shown(*renderables) -> str:

@@ -9,6 +9,8 @@ import mlx.core as mx
 import pytest
 from typer.testing import CliRunner
 
+from fixtures.build_agent_model import WEATHER_TOOL
+
 import mlx_diffgemma
 from mlx_diffgemma.command.cli import app
 from mlx_diffgemma.convert import MODES, describe_mode
@@ -191,12 +193,7 @@ def test_serve_on_a_busy_port_fails_before_loading_the_model(tmp_path):
 
 
 AGENT_MODEL = str(Path(__file__).parent / "fixtures" / "agent_model")  # a Gemma-4-style template: thinking, tools
-WEATHER_TOOLS = [{  # as the agent fixture was trained with
-    "type": "function",
-    "function": {"name": "get_weather", "description": "Get the current weather in a city.",
-                 "parameters": {"type": "object", "properties": {"location": {"type": "string", "description": "The city name."}},
-                                "required": ["location"]}},
-}]
+WEATHER_TOOLS = [WEATHER_TOOL]  # the schema the agent fixture was trained with
 
 
 @pytest.fixture
