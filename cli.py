@@ -229,6 +229,63 @@ def generate(
         typer.echo(format_stats(last), err=True)
 
 
+def read_text_file(path: Path, flag: str) -> str:
+    """The text of ``path``; exits with a one-line error if it cannot be read or is empty."""
+    try:
+        text = path.read_text()
+    except (OSError, ValueError) as e:  # UnicodeDecodeError among them
+        fail(f"{flag}: cannot read {path}: {getattr(e, 'strerror', None) or e}")
+    if not text:
+        fail(f"{flag}: {path} is empty")
+    return text
+
+
+@app.command()
+def infill(
+    prefix_file: Path = typer.Option(..., "--prefix-file", help="The text before the gap (sent as is, no chat template)."),
+    suffix_file: Path = typer.Option(..., "--suffix-file", help="The text after the gap; it must fit in one canvas."),
+    model: Optional[str] = ModelOrBase,
+    max_tokens: Optional[int] = typer.Option(
+        None, "--max-tokens", show_default=False, help="Longest middle to try (default: what the canvas leaves after the suffix)."),
+    steps: Optional[int] = Steps,
+    entropy_bound: Optional[float] = EntropyBound,
+    t_min: Optional[float] = TMin,
+    t_max: Optional[float] = TMax,
+    canvas_length: Optional[int] = CanvasLength,
+    seed: Optional[int] = Seed,
+    sc_top_k: Optional[int] = ScTopK,
+    adapter_path: Optional[str] = AdapterPath,
+    stats: bool = typer.Option(False, "--stats", help="Print the chosen length and each candidate's score to standard error."),
+):
+    """Write the text between a prefix and a suffix and print it (exactly the middle, no newline added).
+
+    The suffix is fixed at the end of a canvas and several middle lengths are denoised side by
+    side; the length whose canvas the model finds most likely wins.
+    """
+    import time
+
+    from mlx_diffgemma.generate import resolve_settings
+    from mlx_diffgemma.infill import infill as run_infill
+
+    prefix, suffix = read_text_file(prefix_file, "--prefix-file"), read_text_file(suffix_file, "--suffix-file")
+    model = resolve_model(model, adapter_path)
+    model_obj, tokenizer = load_or_fail(model, adapter_path=adapter_path)
+    tic = time.perf_counter()
+    try:
+        settings = resolve_settings(model_obj, steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
+                                    canvas_length=canvas_length, self_conditioning_top_k=sc_top_k)
+        result = run_infill(model_obj, tokenizer, prefix, suffix, max_tokens=max_tokens, seed=seed, settings=settings)
+    except ValueError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    typer.echo(result.text, nl=False)
+    if stats:
+        scores = ", ".join(f"{n}: {score:.3f}" for n, score in result.scores.items())
+        typer.echo(f"\nmiddle of {result.length} tokens; mean NLL per candidate length: {scores}; "
+                   f"{result.steps} denoising steps, {time.perf_counter() - tic:.2f} s", err=True)
+
+
 @app.command()
 def chat(
     model: Optional[str] = ModelOrBase,

@@ -16,7 +16,7 @@ from mlx_diffgemma.command.cli import app
 from mlx_diffgemma.convert import MODES, describe_mode
 
 SUDOKU_MODEL = str(Path(mlx_diffgemma.__file__).parent / "sudoku_model")  # 512-token context, canvas 37, no chat template
-COMMANDS = [[], ["generate"], ["chat"], ["bench"], ["serve"], ["convert"], ["finetune"], ["demo"], ["demo", "sudoku"]]
+COMMANDS = [[], ["generate"], ["infill"], ["chat"], ["bench"], ["serve"], ["convert"], ["finetune"], ["demo"], ["demo", "sudoku"]]
 PLAIN = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
 
 
@@ -270,3 +270,43 @@ def test_generate_on_the_agent_model_thinks_on_stderr_and_prints_its_tool_call_o
     call = json.loads(result.stdout)  # no answer: the call alone
     assert call["name"] == "get_weather" and set(call["arguments"]) == {"location"}
     assert "get_weather" in result.stderr and "<|channel>" not in result.stderr + result.stdout
+
+
+def sudoku_infill_files(tmp_path: Path, prefix: str, suffix: str) -> list[str]:
+    (tmp_path / "prefix.txt").write_text(prefix)
+    (tmp_path / "suffix.txt").write_text(suffix)
+    return ["--prefix-file", str(tmp_path / "prefix.txt"), "--suffix-file", str(tmp_path / "suffix.txt")]
+
+
+def test_infill_prints_the_middle_and_nothing_else_on_stdout_and_its_scores_on_stderr(tmp_path):
+    import random
+
+    from mlx_diffgemma import load, sudoku
+    from mlx_diffgemma.infill import infill
+
+    puzzle, solution = sudoku.generate_puzzle(14, random.Random(3), 6)
+    prefix, suffix = "".join(map(str, puzzle)), "".join(map(str, solution[-10:]))  # the last 10 cells of the answer
+    result = invoke("infill", "--model", SUDOKU_MODEL, *sudoku_infill_files(tmp_path, prefix, suffix),
+                    "--seed", "0", "--steps", "6", "--stats")
+    assert result.exit_code == 0, result.output
+    model, tokenizer = load(SUDOKU_MODEL)
+    expected = infill(model, tokenizer, prefix, suffix, seed=0, steps=6)
+    assert result.stdout == expected.text and expected.text.isdigit()
+    assert f"middle of {expected.length} tokens" in result.stderr and "26: " in result.stderr  # 36 - 10 cells fit
+    capped = invoke("infill", "--model", SUDOKU_MODEL, *sudoku_infill_files(tmp_path, prefix, suffix), "--max-tokens", "5",
+                    "--seed", "0", "--steps", "2")
+    assert capped.exit_code == 0 and 1 <= len(capped.stdout) <= 5, capped.output
+
+
+@pytest.mark.parametrize("prefix, suffix, message", [
+    (None, "123", "error: --prefix-file: cannot read"),
+    ("", "123", "is empty"),
+    ("123", "", "error: --suffix-file: "),
+    ("123", "1" * 40, "the suffix is too long: its 40 tokens (and 1 fixed around it) leave no room for a middle in a canvas of 37"),
+])
+def test_infill_refuses_a_missing_or_empty_file_or_a_suffix_longer_than_a_canvas_in_one_line(tmp_path, prefix, suffix, message):
+    files = sudoku_infill_files(tmp_path, prefix or "", suffix)
+    if prefix is None:
+        (tmp_path / "prefix.txt").unlink()
+    line = one_error_line(invoke("infill", "--model", SUDOKU_MODEL, *files))
+    assert message in line, line

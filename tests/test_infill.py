@@ -31,7 +31,7 @@ def test_infill_text_and_clear_errors(loaded):
     model, tokenizer = loaded
     result = infill(model, tokenizer, "def add(a, b):\n", "\n    return a + b\n", seed=1, steps=3, lengths=[3, 6])
     assert result.text == tokenizer.decode(result.tokens) and result.length in (3, 6)
-    with pytest.raises(ValueError, match="leaves no room"):
+    with pytest.raises(ValueError, match="suffix is too long"):
         infill(model, tokenizer, "x", "The quick brown fox jumps over the lazy dog. " * 3)
     with pytest.raises(ValueError, match="needs a suffix"):
         infill(model, tokenizer, "x", "")
