@@ -109,10 +109,26 @@ class Report:
 # ---------------------------------------------------------------- data
 
 
+def template_kwargs(record: dict[str, Any]) -> dict[str, Any]:
+    """A record's ``tools`` (function schemas) and ``enable_thinking``, for the chat template."""
+    kwargs = {}
+    if "tools" in record:
+        tools = record["tools"]
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise DataError("'tools' must be a list of function schemas")
+        kwargs["tools"] = tools
+    if "enable_thinking" in record:
+        if not isinstance(record["enable_thinking"], bool):
+            raise DataError("'enable_thinking' must be true or false")
+        kwargs["enable_thinking"] = record["enable_thinking"]
+    return kwargs
+
+
 def encode_example(tokenizer, record: dict[str, Any]) -> Example:
     """A prompt/completion record (or chat ``messages`` ending with the assistant's) as token ids.
 
-    The prompt goes through the chat template when the tokenizer has one, as ``generate`` does.
+    The prompt goes through the chat template when the tokenizer has one, as ``generate`` does,
+    with the record's ``tools`` and ``enable_thinking`` when it has them.
     """
     if "messages" in record:
         messages = record["messages"]
@@ -125,8 +141,11 @@ def encode_example(tokenizer, record: dict[str, Any]) -> Example:
             prompt = [{"role": "user", "content": prompt}]
     else:
         raise DataError("each line needs 'prompt' and 'completion' (or 'messages')")
+    kwargs = template_kwargs(record)
     if isinstance(prompt, list):
-        prompt_ids = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+        prompt_ids = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, **kwargs))
+    elif kwargs:
+        raise DataError(f"{' and '.join(repr(k) for k in kwargs)} need a chat template, which the tokenizer lacks")
     else:
         prompt_ids = list(tokenizer.encode(prompt))
     completion_ids = list(tokenizer.encode(completion, add_special_tokens=False))

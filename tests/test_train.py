@@ -14,6 +14,7 @@ from mlx_diffgemma.train import (
     TrainingArgs,
     corrupt,
     diffusion_loss,
+    encode_example,
     make_batch,
     train,
 )
@@ -150,9 +151,28 @@ def test_finetune_lora_end_to_end_adapters_load_fuse_and_resume(toy_model, tmp_p
     assert result.exit_code == 1 and "has no adapters" in result.output
 
 
+def test_a_data_line_with_tools_and_enable_thinking_renders_them_through_the_chat_template():
+    from pathlib import Path
+
+    from fixtures.build_agent_model import WEATHER_TOOL
+
+    _, tokenizer = load(Path(__file__).parent / "fixtures" / "agent_model")  # a Gemma-4-style template
+    messages = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "Let me check."}]
+    plain = encode_example(tokenizer, {"messages": messages, "enable_thinking": False})
+    agent = encode_example(tokenizer, {"messages": messages, "tools": [WEATHER_TOOL], "enable_thinking": True})
+    chat = "<|turn>user\nWeather in Paris?<turn|>\n<|turn>model\n"
+    assert tokenizer.decode(plain.prompt) == f"<bos>{chat}<|channel>thought\n<channel|>"  # thinking off: an empty thought
+    assert tokenizer.decode(agent.prompt).startswith("<bos><|turn>system\n<|think|>\n<|tool>declaration:get_weather{")
+    assert tokenizer.decode(agent.prompt).endswith(f"<tool|><turn|>\n{chat}")
+    assert agent.completion == plain.completion == tokenizer.encode("Let me check.", add_special_tokens=False)
+
+
 @pytest.mark.parametrize("line, message", [
     ("not json", "train.jsonl:1"),
     (json.dumps({"text": "x"}), "'prompt' and 'completion'"),
+    (json.dumps({"prompt": "12", "completion": "3", "tools": {"name": "f"}}), "'tools' must be a list"),
+    (json.dumps({"prompt": "12", "completion": "3", "enable_thinking": "yes"}), "'enable_thinking' must be true or false"),
+    (json.dumps({"prompt": "12", "completion": "3", "tools": []}), "'tools' need a chat template"),
 ])
 def test_finetune_rejects_bad_data_with_one_line(toy_model, tmp_path, line, message):
     (tmp_path / "train.jsonl").write_text(line + "\n")
