@@ -3,8 +3,10 @@
 One model, loaded once. Requests are served in arrival order by a single worker thread:
 MLX and the tokenizer (chat template included) are driven from that thread only, while
 the event loop keeps answering ``/health`` and ``/v1/models``. A client that goes away,
-streamed or not, stops its generation within one denoising step. The worker keeps one
-``PromptCache``, so the next turn of a conversation encodes only what is new. Under
+streamed or not, stops its generation within one denoising step. The worker keeps a
+``PromptCache`` of several conversations (least recently used out first, bounded by
+bytes), so the next turn of a conversation encodes only what is new, even when other
+conversations came in between, and a prompt-cache file's prefix is encoded once. Under
 ``mlx.launch`` rank 0 serves and the other ranks follow each request (``Lockstep``). If
 the worker thread dies, ``/health`` answers 503 and so does every new request.
 
@@ -16,6 +18,10 @@ when it carries ``tool_calls``; their ``arguments`` may be a JSON string) and ``
 parts. ``tools`` go to the chat template. ``n`` (1 to ``MAX_CHOICES``) choices are
 denoised as one batch, choice ``i`` with seed ``seed + i``. ``max_tokens`` beyond the
 context is clamped to what fits and the reply ends with ``finish_reason: "length"``.
+``/v1/completions`` with a ``suffix`` infills: the completion is the middle between the
+prompt and the suffix, its length chosen by ``infill.py``'s rule (``max_tokens`` bounds it;
+``stop`` and a sharded model are refused). ``echo`` and ``best_of`` are accepted at their
+neutral values only (``false``; 1 or ``n``).
 
 ``temperature`` maps onto DiffusionGemma's schedule: ``t_max = temperature`` and
 ``t_min = temperature / 2`` (the default 0.8 -> 0.4 shape); ``temperature = 0`` is
@@ -45,20 +51,22 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import mlx.core as mx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from .generate import (GenerationResponse, PromptCache, check_request, fitting_tokens, prepare_prompt, random_seed,
-                       resolve_settings, stream_batch_generate, stream_generate)
+from .generate import (Draft, GenerationResponse, PromptCache, check_request, fitting_tokens, prepare_prompt,
+                       random_seed, resolve_settings, stream_batch_generate, stream_generate)
 from . import anthropic, responses_api
+from .infill import Infill, stream_infill
 from .lockstep import Lockstep
 from .model import Model
 from .tools import RequestError, arguments_json, call_id, openai_tools, parse_arguments, tool_choice
@@ -117,6 +125,7 @@ class Job:
     tools: list[dict[str, Any]] | None = None
     template: dict[str, Any] = field(default_factory=dict)  # chat template options (enable_thinking, ...)
     tool_choice: str | None = None  # "required" or a function's name: the reply starts with a call
+    suffix: str | None = None  # infilling: the completion is the middle between the prompt and this
     emit: Callable[[Event], None] = lambda event: None  # set by the request that waits for the events
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -125,10 +134,11 @@ class Worker:
     """The single thread that runs MLX and the tokenizer. With ``lockstep`` (a sharded
     model under ``mlx.launch``) the other ranks follow each job and are released on ``stop``."""
 
-    def __init__(self, model: Model, tokenizer, lockstep: Lockstep | None = None):
+    def __init__(self, model: Model, tokenizer, lockstep: Lockstep | None = None,
+                 prompt_cache: PromptCache | None = None):
         self.model, self.tokenizer, self.lockstep = model, tokenizer, lockstep
         self.generate = lockstep.stream if lockstep else stream_generate
-        self.prompt_cache = PromptCache()
+        self.prompt_cache = prompt_cache or PromptCache()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.stopping = threading.Event()
         self.lock = threading.Lock()
@@ -199,6 +209,8 @@ class Worker:
         except Exception as e:  # the chat template refused the conversation
             raise APIError(400, f"cannot apply the chat template: {e}", "messages") from None
         options = dict(job.options)
+        if job.suffix is not None:
+            return ids, {"infills": self.infills(job, options)}
         if job.tool_choice not in (None, "auto", "none"):
             options["fixed"] = self.forced_call(job.tool_choice)
         try:
@@ -223,7 +235,43 @@ class Worker:
         text = start + "call:" + ("" if choice == "required" else choice + "{")
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
+    def infills(self, job: Job, options: dict[str, Any]) -> list[Generator[Draft, None, Infill]]:
+        """One infill per choice (choice ``i`` with seed ``seed + i``), its input checked now."""
+        if self.lockstep is not None:
+            raise APIError(400, "'suffix' (infilling) is not supported on a model sharded across machines", "suffix")
+        seed = random_seed() if options["seed"] is None else options["seed"]
+        settings = {k: options.get(k) for k in EXTRA_SETTINGS}
+        try:
+            return [stream_infill(self.model, self.tokenizer, job.prompt, job.suffix, max_tokens=options["max_tokens"],
+                                  seed=seed + i, **settings) for i in range(job.n)]
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    def infill_responses(self, infills: list[Generator[Draft, None, Infill]], prompt_tokens: int) -> Iterator[GenerationResponse]:
+        """Each choice's middle as one response, after a draft response per denoising step
+        (not sent, but ``serve`` checks for cancellation at each)."""
+        # Prefill runs inside the infill and is not timed apart: prompt_tps is left at 0.
+        base = dict(prompt_tokens=prompt_tokens, prompt_tps=0.0, cached_tokens=0)
+        for i, steps in enumerate(infills):
+            tic = time.perf_counter()
+            while True:
+                try:
+                    draft = next(steps)
+                except StopIteration as done:
+                    result = done.value
+                    break
+                yield GenerationResponse(text="", tokens=[], draft="", step=draft.step, generation_tokens=0,
+                                         generation_tps=0.0, index=i, **base)
+            length, seconds = len(result.tokens), time.perf_counter() - tic
+            yield GenerationResponse(text=result.text, tokens=result.tokens, draft=None, step=None, generation_tokens=length,
+                                     generation_tps=length / seconds, steps_per_canvas=[result.steps],
+                                     tokens_per_forward=length / max(result.steps, 1), peak_memory=mx.get_peak_memory() / 1e9,
+                                     finish_reason="stop", index=i, raw=result.text, **base)
+
     def responses(self, job: Job, ids: list[int], options: dict[str, Any]) -> Iterator[GenerationResponse]:
+        if job.suffix is not None:
+            yield from self.infill_responses(options["infills"], len(ids))
+            return
         options = {**options, "draft": True}
         if job.n == 1:
             yield from self.generate(self.model, self.tokenizer, ids, prompt_cache=self.prompt_cache, **options)
@@ -656,10 +704,11 @@ class APIKeyAuth:
 
 
 def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = None, lockstep: Lockstep | None = None,
-               cors_origins: list[str] | None = None) -> FastAPI:
+               cors_origins: list[str] | None = None, prompt_cache: PromptCache | None = None) -> FastAPI:
     """The server's app. ``cors_origins``: origins browsers may call it from (``"*"`` for any);
-    ``None`` allows pages from localhost, 127.0.0.1 and [::1] only."""
-    worker = Worker(model, tokenizer, lockstep)
+    ``None`` allows pages from localhost, 127.0.0.1 and [::1] only. ``prompt_cache``: the
+    conversations' caches (its byte bound, a prompt-cache file's prefix); by default a fresh one."""
+    worker = Worker(model, tokenizer, lockstep, prompt_cache)
     created = int(time.time())
 
     @asynccontextmanager
@@ -803,9 +852,21 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
             raise APIError(400, "'prompt' must be a non-empty string", "prompt")
         options = sampling_options(body)
         n = parse_number(body, "n", int, 1, MAX_CHOICES) or 1
+        if body.get("echo") is not None and body["echo"] is not False:
+            raise APIError(400, "'echo' is not supported: leave it out or send false", "echo")
+        if parse_number(body, "best_of", int, 1) not in (None, 1, n):
+            raise APIError(400, "'best_of' is not supported beyond one candidate per choice: leave it out or send 1 or 'n'",
+                           "best_of")
+        suffix = body.get("suffix")
+        if suffix is not None:
+            if not isinstance(suffix, str) or not suffix:
+                raise APIError(400, "'suffix' must be a non-empty string", "suffix")
+            if "stop" in options:
+                raise APIError(400, "'stop' cannot be combined with 'suffix': the middle ends where the suffix begins", "stop")
         stream = parse_flag(body, "stream")
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
-        return await run(request, Job(prompt, options, n), stream, CompletionReply(base, stream and include_usage(body)))
+        return await run(request, Job(prompt, options, n, suffix=suffix), stream,
+                         CompletionReply(base, stream and include_usage(body)))
 
     @app.post("/v1/messages")
     async def messages(request: Request):
@@ -840,7 +901,9 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(model: Model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 1234, api_key: str | None = None,
-          lockstep: Lockstep | None = None, cors_origins: list[str] | None = None) -> None:
+          lockstep: Lockstep | None = None, cors_origins: list[str] | None = None,
+          prompt_cache: PromptCache | None = None) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(model, tokenizer, model_id, api_key, lockstep, cors_origins), host=host, port=port, log_level="info")
+    app = create_app(model, tokenizer, model_id, api_key, lockstep, cors_origins, prompt_cache)
+    uvicorn.run(app, host=host, port=port, log_level="info")

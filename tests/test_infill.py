@@ -35,3 +35,28 @@ def test_infill_text_and_clear_errors(loaded):
         infill(model, tokenizer, "x", "The quick brown fox jumps over the lazy dog. " * 3)
     with pytest.raises(ValueError, match="needs a suffix"):
         infill(model, tokenizer, "x", "")
+
+
+def test_input_is_checked_at_the_call_and_the_suffix_stays_intact_in_every_candidate(loaded):
+    from mlx_diffgemma.infill import stream_infill
+
+    model, tokenizer = loaded
+    prefix, suffix = "def add(a, b):\n    ", "return a + b"  # a 6-token suffix leaves 9 of 16 canvas positions
+    with pytest.raises(ValueError, match="suffix is too long"):
+        stream_infill(model, tokenizer, prefix, "x" * 40)  # raised before the generator is advanced
+    with pytest.raises(ValueError, match="needs a prefix"):
+        stream_infill(model, tokenizer, "", suffix)
+    steps, drafts = stream_infill(model, tokenizer, prefix, suffix, seed=2, steps=3, max_tokens=5), []
+    while True:
+        try:
+            drafts.append(next(steps))
+        except StopIteration as done:
+            result = done.value
+            break
+    assert [d.step for d in drafts] == list(range(1, result.steps + 1))
+    suffix_ids = list(tokenizer.encode(suffix, add_special_tokens=False))
+    assert max(result.scores) == 5 and result.length <= 5  # max_tokens bounds the candidates
+    canvas = drafts[-1].tokens.tolist()
+    for row, n in zip(canvas, sorted(result.scores)):
+        assert row[n : n + len(suffix_ids)] == suffix_ids
+    assert tokenizer.decode(list(tokenizer.encode(prefix)) + result.tokens + suffix_ids).endswith(suffix)

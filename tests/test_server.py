@@ -155,3 +155,40 @@ def test_client_cut_off_mid_stream_then_next_request_is_served(server, client):
     # The abandoned generation is stopped, and the next request goes through.
     reply = chat(client, model, "Hello again", max_tokens=16, seed=5)
     assert reply.choices[0].message.content is not None
+
+
+PREFIX, SUFFIX = "def add(a, b):\n    ", "return a + b"  # the suffix leaves 9 of the 16 canvas positions
+
+
+def test_a_completion_with_a_suffix_is_the_middle_infill_chooses_streamed_or_not(client, server):
+    from mlx_diffgemma import load
+    from mlx_diffgemma.infill import infill
+
+    model = server[1]
+    full = client.completions.create(model=model, prompt=PREFIX, suffix=SUFFIX, max_tokens=6, seed=5, n=2, extra_body=FAST)
+    streamed = list(client.completions.create(model=model, prompt=PREFIX, suffix=SUFFIX, max_tokens=6, seed=5, stream=True,
+                                              extra_body=FAST))
+    model_obj, tokenizer = load(model)
+    expected = [infill(model_obj, tokenizer, PREFIX, SUFFIX, max_tokens=6, seed=5 + i, steps=3) for i in range(2)]
+    assert [c.text for c in full.choices] == [e.text for e in expected]  # choice i: seed + i
+    assert full.usage.completion_tokens == sum(e.length for e in expected) and all(e.length <= 6 for e in expected)
+    assert "".join(c.choices[0].text for c in streamed) == expected[0].text
+    assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "stop"
+
+
+@pytest.mark.parametrize("fields, status, message", [
+    ({"suffix": "x" * 40}, 400, "the suffix is too long"),
+    ({"suffix": ""}, 400, "'suffix' must be a non-empty string"),
+    ({"suffix": 3}, 400, "'suffix' must be a non-empty string"),
+    ({"suffix": SUFFIX, "stop": ["\n"]}, 400, "'stop' cannot be combined with 'suffix'"),
+    ({"echo": True}, 400, "'echo' is not supported"),
+    ({"best_of": 3}, 400, "'best_of' is not supported"),
+    ({"echo": False, "best_of": 2, "n": 2}, 200, None),
+])
+def test_suffix_echo_and_best_of_are_honoured_or_refused_naming_the_field(server, fields, status, message):
+    base, _ = server
+    response = httpx.post(f"{base}/v1/completions", json={"prompt": PREFIX, "max_tokens": 4, **FAST, **fields}, timeout=60)
+    assert response.status_code == status, response.text
+    if message is not None:
+        error = response.json()["error"]
+        assert message in error["message"] and error["type"] == "invalid_request_error"
