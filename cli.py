@@ -71,6 +71,10 @@ def main(
     version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True, help="Print the version and exit."),
 ):
     """Run Google's DiffusionGemma text diffusion model locally with MLX."""
+PromptCacheFile = typer.Option(
+    None, "--prompt-cache-file", metavar="FILE", show_default=False,
+    help="A prompt cache written by 'mlx-diffgemma cache-prompt': a prompt that starts with its prefix skips encoding "
+    "it (its system prompt is used when --system is not given).")
 
 
 def fail(message: str) -> None:
@@ -121,9 +125,30 @@ def load_or_fail(model: str, sharded: bool = False, adapter_path: str | None = N
         fail(f"cannot load {model}: {e}")
 
 
-def lead_or_follow(model_obj, tokenizer):
-    """Under ``mlx.launch``: ranks other than 0 follow rank 0's requests, then exit here;
-    rank 0 gets the ``Lockstep`` to generate with. In one process: ``None``."""
+def open_prompt_cache(path: Path | None, model_obj, max_bytes: int | None = None):
+    """A ``PromptCache`` (at most ``max_bytes``, default 4 GiB) starting from the file's
+    prefix, and the file's system prompt; exits with a one-line error on a bad file, or
+    under ``mlx.launch`` (each rank holds only its slice of every layer's keys)."""
+    import mlx.core as mx
+
+    from mlx_diffgemma.prompt_cache import DEFAULT_MAX_BYTES, PromptCache, load_prompt_cache
+
+    max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
+    if path is None:
+        return PromptCache(max_bytes), None
+    if mx.distributed.init().size() > 1:
+        fail("--prompt-cache-file needs the whole model in one process; it cannot be used under mlx.launch")
+    try:
+        tokens, cache, system = load_prompt_cache(path, model_obj)
+    except ValueError as e:
+        fail(str(e))
+    return PromptCache(max_bytes, prefix=(tokens, cache)), system
+
+
+def lead_or_follow(model_obj, tokenizer, prompt_cache=None):
+    """Under ``mlx.launch``: ranks other than 0 follow rank 0's requests (with ``prompt_cache``,
+    made as rank 0's is), then exit here; rank 0 gets the ``Lockstep`` to generate with. In
+    one process: ``None``."""
     import mlx.core as mx
 
     from mlx_diffgemma.lockstep import Lockstep
@@ -133,7 +158,7 @@ def lead_or_follow(model_obj, tokenizer):
         return None
     lockstep = Lockstep(group)
     if not lockstep.leader:
-        lockstep.follow(model_obj, tokenizer)
+        lockstep.follow(model_obj, tokenizer, prompt_cache)
         raise typer.Exit(0)
     return lockstep
 
@@ -162,6 +187,7 @@ def generate(
     think: Optional[bool] = Think,
     tools: Optional[Path] = Tools,
     hide_reasoning: bool = typer.Option(False, "--hide-reasoning", help="Do not print the model's reasoning."),
+    prompt_cache_file: Optional[Path] = PromptCacheFile,
 ):
     """Answer one prompt and print the reply as it is committed, canvas by canvas.
 
@@ -189,6 +215,9 @@ def generate(
     tool_list = read_tools(tools)
     model = resolve_model(model, adapter_path)
     model_obj, tokenizer = load_or_fail(model, sharded=True, adapter_path=adapter_path)
+    prompt_cache, cached_system = open_prompt_cache(prompt_cache_file, model_obj)
+    if system is None and not raw:
+        system = cached_system
     rank0 = mx.distributed.init().rank() == 0
     # Only rank 0 writes the reply; reasoning goes to stderr, dimmed on a terminal (click drops the style elsewhere).
     echo = print if rank0 else (lambda *args, **kwargs: None)
@@ -198,10 +227,13 @@ def generate(
     try:
         ids = prepare_prompt(tokenizer, prompt if raw else [*messages, {"role": "user", "content": prompt}],
                              enable_thinking=think, tools=tool_list)
+        if prompt_cache.prefix and ids[: len(prompt_cache.prefix[0])] != prompt_cache.prefix[0]:
+            typer.echo(f"warning: the prompt does not start with {prompt_cache_file}'s prefix; it is encoded in full",
+                       err=True)
         for last in fit_context(stream_generate, DEFAULT_MAX_TOKENS)(
             model_obj, tokenizer, ids, max_tokens, steps=steps, entropy_bound=entropy_bound,
             t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed, short_final_canvas=short_final_canvas,
-            self_conditioning_top_k=sc_top_k,
+            self_conditioning_top_k=sc_top_k, prompt_cache=prompt_cache if prompt_cache_file else None,
         ):
             if last.reasoning and show_reasoning:
                 typer.secho(last.reasoning, dim=True, err=True, nl=False)
@@ -302,6 +334,7 @@ def chat(
     adapter_path: Optional[str] = AdapterPath,
     think: Optional[bool] = Think,
     tools: Optional[Path] = Tools,
+    prompt_cache_file: Optional[Path] = PromptCacheFile,
 ):
     """Chat in the terminal; each canvas is shown denoising live. /help lists the commands
     (/think turns thinking on or off; /tool-result answers a tool call by hand).
@@ -319,10 +352,12 @@ def chat(
     model_obj, tokenizer = load_or_fail(model, sharded=True, adapter_path=adapter_path, console=console)
     if not tokenizer.has_chat_template:
         fail(f"{model} has no chat template, so it cannot chat; 'mlx-diffgemma generate --raw' sends it plain text")
+    prompt_cache, cached_system = open_prompt_cache(prompt_cache_file, model_obj)
     lockstep = lead_or_follow(model_obj, tokenizer)
     try:
         run_chat(
-            model_obj, tokenizer, system=system, draft=not no_draft, console=console,
+            model_obj, tokenizer, system=system if system is not None else cached_system, draft=not no_draft,
+            console=console, prompt_cache=prompt_cache,
             generator=fit_context(lockstep.stream if lockstep else stream_generate, DEFAULT_MAX_TOKENS),
             sharded=lockstep is not None, enable_thinking=think, tools=tool_list, max_tokens=max_tokens,
             steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed,
@@ -405,6 +440,12 @@ def serve(
         help="A web page origin browsers may call the server from, e.g. https://example.com; repeatable; '*' allows any "
         "(default: only pages served from localhost, 127.0.0.1 or [::1], on any port)."),
     adapter_path: Optional[str] = AdapterPath,
+    prompt_cache_file: Optional[Path] = typer.Option(
+        None, "--prompt-cache-file", metavar="FILE", show_default=False,
+        help="A prompt cache written by 'mlx-diffgemma cache-prompt': requests that start with its prefix skip encoding it."),
+    prompt_cache_bytes: Optional[int] = typer.Option(
+        None, "--prompt-cache-bytes", min=0, show_default=False,
+        help="Most bytes the KV caches of recent conversations may hold; the least recently used go first (default: 4 GiB)."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
@@ -422,11 +463,62 @@ def serve(
         except OSError as e:
             fail(str(e))
     model_obj, tokenizer = load_or_fail(model, sharded=True, adapter_path=adapter_path)
-    lockstep = lead_or_follow(model_obj, tokenizer)
+    prompt_cache, _ = open_prompt_cache(prompt_cache_file, model_obj, prompt_cache_bytes)
+    lockstep = lead_or_follow(model_obj, tokenizer, prompt_cache)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     run_server(model_obj, tokenizer, model, host=host, port=port, api_key=api_key, lockstep=lockstep,
-               cors_origins=cors_origin or None)
+               cors_origins=cors_origin or None, prompt_cache=prompt_cache)
+
+
+@app.command("cache-prompt")
+def cache_prompt(
+    prompt_file: Path = typer.Option(..., "--prompt-file", help="The system prompt to encode (or, with --raw, plain text)."),
+    output: Path = typer.Option(..., "--output", "-o", help="The prompt-cache file to write (.safetensors)."),
+    model: Optional[str] = ModelOrBase,
+    raw: bool = typer.Option(
+        False, "--raw", help="Encode the text as is, without the chat template, for 'generate --raw' prompts that start with it."),
+    think: Optional[bool] = Think,
+    tools: Optional[Path] = Tools,
+    adapter_path: Optional[str] = AdapterPath,
+):
+    """Encode a long system prompt once and save its KV cache, for --prompt-cache-file on generate, chat and serve.
+
+    The file's text is a system prompt: the cache holds the chat template's rendering of the system turn,
+    which starts every conversation with that system prompt (and the same --tools and --think, which the
+    template may render there too). generate and chat use the file's system prompt unless given --system.
+    """
+    import time
+
+    import mlx.core as mx
+
+    from mlx_diffgemma.generate import prefill
+    from mlx_diffgemma.prompt_cache import save_prompt_cache, system_prefix
+
+    if output.suffix != ".safetensors":
+        fail(f"-o must name a .safetensors file, got {output}")
+    if not output.parent.is_dir():
+        fail(f"-o: folder {output.parent} does not exist")
+    if raw and (think is not None or tools is not None):
+        fail("--tools and --think/--no-think need the chat template; leave out --raw")
+    text = read_text_file(prompt_file, "--prompt-file")
+    tool_list = read_tools(tools)
+    model = resolve_model(model, adapter_path)
+    model_obj, tokenizer = load_or_fail(model, adapter_path=adapter_path)
+    if not raw and not tokenizer.has_chat_template:
+        fail(f"{model} has no chat template: cache plain text with --raw")
+    ids = list(tokenizer.encode(text)) if raw else system_prefix(tokenizer, text, tools=tool_list, enable_thinking=think)
+    if len(ids) >= model_obj.args.max_position_embeddings:
+        fail(f"{len(ids)} prompt tokens fill the model's context of {model_obj.args.max_position_embeddings}")
+    cache = model_obj.make_cache()
+    tic = time.perf_counter()
+    prefill(model_obj, mx.array([ids]), cache)
+    seconds = time.perf_counter() - tic
+    try:
+        save_prompt_cache(output, model_obj, cache, ids, None if raw else text)
+    except (OSError, RuntimeError) as e:
+        fail(f"cannot write {output}: {e}")
+    typer.echo(f"{len(ids)} tokens encoded in {seconds:.2f} s; cache written to {output}", err=True)
 
 
 @app.command()

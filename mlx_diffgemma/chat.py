@@ -17,13 +17,15 @@ class ChatSession:
     """A conversation with one model. Each turn encodes only the tokens the cache lacks:
     the conversation so far is kept as the exact token ids the model saw and wrote, and a
     new turn appends the chat template's text for it. ``generator`` is ``stream_generate``
-    or, for a sharded model, ``Lockstep.stream``."""
+    or, for a sharded model, ``Lockstep.stream``. A ``prompt_cache`` with a ``prefix`` (a
+    prompt-cache file) lets every conversation that starts with that prefix skip encoding it."""
 
     def __init__(self, model: Model, tokenizer, system: str | None = None,
-                 generator: Callable[..., Iterator[GenerationResponse]] = stream_generate, **options: Any):
+                 generator: Callable[..., Iterator[GenerationResponse]] = stream_generate,
+                 prompt_cache: PromptCache | None = None, **options: Any):
         self.model, self.tokenizer, self.options, self.generator = model, tokenizer, options, generator
         self.system = system
-        self.prompt_cache = PromptCache()
+        self.prompt_cache = prompt_cache or PromptCache()
         self.reset()
 
     def reset(self) -> None:

@@ -19,6 +19,7 @@ from mlx_lm.generate import wired_limit
 
 from .cache import DiffusionCache
 from .model import Model
+from .prompt_cache import PromptCache
 from .reply import Markers, Reply, ReplyStream
 from .sampler import DiffusionSettings, accept, distribution, is_stable, renoise, sample, temperature
 
@@ -354,52 +355,6 @@ def resolve_settings(model: Model, settings: DiffusionSettings | None = None, **
     if settings is not None:
         return replace(settings, **explicit) if explicit else settings
     return DiffusionSettings(**{"canvas_length": model.args.canvas_length, **model.generation_defaults, **explicit})
-
-
-@dataclass
-class PromptCache:
-    """A KV cache kept between requests (chat turns), with the token ids it holds.
-
-    It also keeps a snapshot taken right after the last prompt was encoded: a client that
-    sends the whole conversation again, with the reply re-tokenized from its text, still
-    shares that prompt as a prefix even when it no longer shares the generated canvases.
-    """
-
-    cache: DiffusionCache | None = None
-    tokens: list[int] = field(default_factory=list)
-    snapshot: tuple[list[int], DiffusionCache] | None = None
-
-    def prepare(self, model: Model, ids: list[int]) -> list[int]:
-        """Reuse the cache (or the snapshot) when it holds a prefix of ``ids``; return the ids still to encode."""
-        if self.cache is not None and _extends(ids, self.tokens):
-            return ids[len(self.tokens):]
-        if self.snapshot is not None and _extends(ids, self.snapshot[0]):
-            self.tokens, self.cache = list(self.snapshot[0]), self.snapshot[1].copy()
-            return ids[len(self.tokens):]
-        self.reset(model)
-        return ids
-
-    def remember_prompt(self, ids: list[int]) -> None:
-        self.snapshot = (list(ids), self.cache.copy())
-
-    def keep(self, ids: list[int]) -> None:
-        """After a reply: the cache holds a prefix of ``ids`` (prompt and kept reply). If it
-        holds more (the reply was cut at a stop string inside an encoded canvas), only the
-        prompt snapshot is kept."""
-        if self.cache is None or not self.cache.offset:
-            return
-        if self.cache.offset <= len(ids):
-            self.tokens = ids[: self.cache.offset]
-        else:
-            self.cache, self.tokens = None, []
-
-    def reset(self, model: Model) -> None:
-        self.cache, self.tokens, self.snapshot = model.make_cache(), [], None
-
-
-def _extends(ids: list[int], prefix: list[int]) -> bool:
-    """Whether ``ids`` continue ``prefix`` with at least one more token."""
-    return 0 < len(prefix) < len(ids) and ids[: len(prefix)] == prefix
 
 
 class ReplyText:

@@ -52,18 +52,18 @@ class Lockstep:
     def _gate(self, go: bool) -> bool:
         return bool(self._sum(mx.array([int(go and self.leader)], dtype=mx.int32)).item())
 
-    def _agree(self, model: Model, prompt_cache: PromptCache) -> None:
-        """Every rank's prompt cache must reuse the same prefix; if any differs (rank 0 reset
-        its conversation), all start afresh."""
-        snapshot, cache = prompt_cache.snapshot, prompt_cache.cache
-        state = [prompt_cache.tokens, snapshot[0] if snapshot else None, cache.offset if cache is not None else None]
+    def _agree(self, prompt_cache: PromptCache) -> None:
+        """Every rank's prompt caches must hold the same conversations, so that each picks the
+        same one; if any differs (rank 0 reset its conversation), all start afresh."""
+        state = [[c.tokens, c.snapshot[0] if c.snapshot else None, c.cache.offset if c.cache is not None else None]
+                 for c in prompt_cache.conversations]
         digest = zlib.crc32(json.dumps(state).encode()) & 0x7FFFFFFF
         digests = mx.distributed.all_gather(mx.array([digest], dtype=mx.int32), group=self.group)
         if len(set(digests.tolist())) > 1:
-            prompt_cache.reset(model)
+            prompt_cache.clear()
 
     def _run(self, model: Model, tokenizer, request: dict, prompt_cache: PromptCache) -> Iterator[GenerationResponse]:
-        self._agree(model, prompt_cache)
+        self._agree(prompt_cache)
         options = dict(request["options"])
         if options.get("settings") is not None:
             options["settings"] = DiffusionSettings(**options["settings"])
@@ -89,13 +89,14 @@ class Lockstep:
         self._broadcast(request)
         yield from self._run(model, tokenizer, request, prompt_cache)
 
-    def follow(self, model: Model, tokenizer) -> None:
-        """The other ranks: run rank 0's requests until it shuts down.
+    def follow(self, model: Model, tokenizer, prompt_cache: PromptCache | None = None) -> None:
+        """The other ranks: run rank 0's requests until it shuts down. ``prompt_cache`` must be
+        made as rank 0's is (the same ``max_bytes``), so that each rank keeps the same conversations.
 
         Ctrl-C in a terminal reaches every rank of ``mlx.launch``; a follower ignores it,
         since only rank 0 can stop a reply at a step where all ranks agree.
         """
-        prompt_cache = PromptCache()
+        prompt_cache = prompt_cache or PromptCache()
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
