@@ -18,6 +18,7 @@ import numpy as np
 from mlx_lm.generate import wired_limit
 
 from .cache import DiffusionCache
+from .constrained import Automaton, Guide, automaton_for, check_length
 from .model import Model
 from .prompt_cache import PromptCache
 from .reply import Markers, Reply, ReplyStream
@@ -113,7 +114,7 @@ class Canvas:
 
 def denoise_canvas(
     model: Model, cache, index: int, batch_size: int, settings: DiffusionSettings, noise: Noise,
-    fixed: mx.array | None = None,
+    fixed: mx.array | None = None, guides: Sequence[Guide | None] | None = None,
 ) -> Generator[Draft, None, tuple[mx.array, list[int]]]:
     """Denoise one canvas; yields a draft per step, returns the argmax canvas and per-row passes.
 
@@ -122,6 +123,10 @@ def denoise_canvas(
     and the stopping rule see only the free positions; self-conditioning sees, at a fixed
     position, the model's own distribution or a one-hot of the token
     (``settings.fixed_self_conditioning``).
+
+    ``guides`` (per row, or ``None`` for a free row) constrain a row to a regular language
+    (``constrained.py``): its argmax is the most probable accepted canvas, its samples are
+    drawn from accepted canvases and its entropies are conditioned on acceptance.
     """
     shape = (batch_size, settings.canvas_length)
     free = None if fixed is None else fixed < 0
@@ -151,18 +156,24 @@ def denoise_canvas(
         scaled = logits / temperature(remaining, settings)
         sc = logits = None
         new_argmax = clamp(scaled.argmax(axis=-1).astype(canvas.dtype))
-        if held is not None:
-            new_argmax = mx.where(done[:, None], argmax, new_argmax)
         if remaining == 1:  # the last step: only its argmax is committed, nothing else is used
-            argmax = new_argmax
+            if guides is not None:
+                new_argmax = _guided_argmax(guides, scaled, new_argmax)
+            argmax = new_argmax if held is None else mx.where(done[:, None], argmax, new_argmax)
             mx.eval(argmax)
             yield Draft(step=step + 1, tokens=argmax)
             break
         uniform, noise_tokens = noise.step(index, step, shape)
         probs, token_entropy = distribution(scaled)
+        samples = sample(probs, uniform)
+        if guides is not None:
+            samples, new_argmax, token_entropy = _guided_step(guides, scaled, probs, uniform, noise_tokens,
+                                                              samples, new_argmax, token_entropy)
+        if held is not None:
+            new_argmax = mx.where(done[:, None], argmax, new_argmax)
         if free is not None:  # fixed positions are certain: they take nothing from the entropy budget
             token_entropy = mx.where(free, token_entropy, 0.0)
-        new_canvas = clamp(renoise(sample(probs, uniform), accept(token_entropy, settings.entropy_bound), noise_tokens))
+        new_canvas = clamp(renoise(samples, accept(token_entropy, settings.entropy_bound), noise_tokens))
         sc = probs if reuse_probs else scaled
         if one_hot is not None:
             point = one_hot.astype(sc.dtype) if reuse_probs else mx.where(one_hot, 0.0, -mx.inf).astype(sc.dtype)
@@ -184,6 +195,33 @@ def denoise_canvas(
         if done.all().item():
             break
     return argmax, passes.tolist()
+
+
+def _guided_argmax(guides: Sequence[Guide | None], scaled: mx.array, argmax: mx.array) -> mx.array:
+    """``argmax`` with each guided row's counted positions replaced by its most probable accepted canvas."""
+    logits, out = np.array(scaled), np.array(argmax)
+    for row, guide in enumerate(guides):
+        if guide is not None:
+            out[row, : guide.positions] = guide.argmax(logits[row])
+    return mx.array(out, dtype=argmax.dtype)
+
+
+def _guided_step(guides: Sequence[Guide | None], scaled: mx.array, probs: mx.array, uniform: mx.array,
+                 noise_tokens: mx.array, samples: mx.array, argmax: mx.array,
+                 entropy: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """Samples, argmax and entropies with the guided rows' counted positions constrained.
+
+    The draw of a sampled canvas's last state takes its uniform number from the step's
+    renoise token at position 0 (the noise gives one uniform number per position).
+    """
+    logits, p, u = np.array(scaled), np.array(probs), np.array(uniform)
+    outs = [np.array(samples), np.array(argmax), np.array(entropy)]
+    for row, guide in enumerate(guides):
+        if guide is not None:
+            end_uniform = (int(noise_tokens[row, 0].item()) + 0.5) / logits.shape[-1]
+            for out, part in zip(outs, guide.step(logits[row], p[row], u[row], end_uniform)):
+                out[row, : guide.positions] = part
+    return tuple(mx.array(out, dtype=like.dtype) for out, like in zip(outs, (samples, argmax, entropy)))
 
 
 def prefill(model: Model, input_ids: mx.array, cache, step_size: int = PREFILL_STEP_SIZE) -> None:
@@ -228,6 +266,7 @@ def generate_step(
     pad_token_id: int = 0,
     cache: DiffusionCache | None = None,
     fixed: Sequence[Sequence[int | None]] | None = None,
+    constraint: Automaton | None = None,
 ) -> Iterator[Prefilled | Draft | Canvas]:
     """Generate for a batch of token-id prompts (left-padded); yields the end of prefill, drafts and committed canvases.
 
@@ -235,7 +274,12 @@ def generate_step(
     canvases are encoded into the cache as the next one starts; the last one is not.
     ``fixed`` gives per row a token id, or ``None`` for a free position, for the first
     output positions (across canvases); the rest is free (``denoise_canvas``).
+    ``constraint`` keeps every row's output in an automaton's language: each canvas ends in
+    a state that can still be completed within the tokens left, and its committed tokens
+    carry the state to the next canvas.
     """
+    if constraint is not None and fixed is not None:
+        raise ValueError("fixed tokens and a constraint cannot be combined")
     lengths = [len(p) for p in prompts]
     width = max(lengths)
     if cache is None:
@@ -248,6 +292,7 @@ def generate_step(
     budgets = [max_tokens] * len(prompts)
     reasons: list[str | None] = [None] * len(prompts)
     eos = set(eos_token_ids)
+    states = [constraint.start] * len(prompts) if constraint is not None else []
     for index in range(math.ceil(max_tokens / settings.canvas_length)):
         if index > 0:
             model.encode(argmax, cache)
@@ -256,7 +301,13 @@ def generate_step(
             wanted = max(b for b, r in zip(budgets, reasons) if r is None)
             canvas_settings = replace(settings, canvas_length=min(settings.canvas_length, wanted))
         clamped = _fixed_canvas(fixed, index * settings.canvas_length, canvas_settings.canvas_length)
-        argmax, passes = yield from denoise_canvas(model, cache, index, len(prompts), canvas_settings, noise, clamped)
+        guides = None
+        if constraint is not None:
+            counted = [min(canvas_settings.canvas_length, b) for b in budgets]
+            guides = [Guide(constraint, q, n, b - n) if r is None else None
+                      for q, n, b, r in zip(states, counted, budgets, reasons)]
+        argmax, passes = yield from denoise_canvas(model, cache, index, len(prompts), canvas_settings, noise, clamped,
+                                                   guides)
         new_tokens, valid = [], []
         for row, tokens in enumerate(argmax.tolist()):
             if reasons[row] is not None:  # finished earlier: its canvas is discarded
@@ -268,6 +319,8 @@ def generate_step(
             if clamped is not None:  # fixed tokens were not denoised: they do not count
                 count -= int((np.array(clamped[row, :count]) >= 0).sum())
             budgets[row] -= len(kept)
+            if constraint is not None and reasons[row] is None:
+                states[row] = constraint.advance(states[row], kept)
             new_tokens.append(kept)
             valid.append(count)
         yield Canvas(index, new_tokens, list(reasons), max(passes), passes, valid)
@@ -421,6 +474,8 @@ def stream_batch_generate(
     tools: list[dict[str, Any]] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
     fixed: Sequence[int | None] | None = None,
+    json_schema: Any = None,
+    regex: str | None = None,
     **overrides: Any,
 ) -> Iterator[GenerationResponse]:
     """Stream replies to several prompts at once; each response's ``index`` names its row.
@@ -437,9 +492,17 @@ def stream_batch_generate(
     For chat-message prompts, ``enable_thinking``, ``tools`` (function schemas) and other
     ``chat_template_kwargs`` go to the chat template. ``fixed`` clamps the reply's first
     positions, in every row, to token ids (``None`` leaves one free): the reply is written
-    around them, as when a tool call is forced to begin the reply.
+    around them, as when a tool call is forced to begin the reply. ``json_schema`` (a
+    schema, or ``"json_object"`` for any JSON object) or ``regex`` constrains every reply to
+    the texts it accepts (``constrained.py``): even a reply ended by ``max_tokens`` is
+    accepted whole, since the last canvas must end in an accepting state (a stop string,
+    though, cuts the text where it matches).
     """
     resolved = resolve_settings(model, settings, **overrides)
+    constraint = None
+    if json_schema is not None or regex is not None:
+        constraint = automaton_for(tokenizer, json_schema=json_schema, regex=regex, vocab_size=model.args.vocab_size)
+        check_length(constraint, max_tokens)
     template_kwargs = {**(chat_template_kwargs or {}), "enable_thinking": enable_thinking, "tools": tools}
     ids = [prepare_prompt(tokenizer, p, **template_kwargs) for p in prompts]
     check_request(model, ids, max_tokens, resolved.canvas_length)
@@ -476,7 +539,7 @@ def stream_batch_generate(
         model, [to_encode] if to_encode is not None else ids, max_tokens=max_tokens, settings=resolved,
         eos_token_ids=tokenizer.eos_token_ids, noise=noise, pad_token_id=model.args.pad_token_id or 0,
         cache=prompt_cache.cache if prompt_cache is not None else None,
-        fixed=[list(fixed)] * len(ids) if fixed else None,
+        fixed=[list(fixed)] * len(ids) if fixed else None, constraint=constraint,
     )
     with wired_limit(model):
         try:
@@ -516,8 +579,8 @@ def stream_generate(model: Model, tokenizer, prompt: Prompt, max_tokens: int = 2
     """Stream a reply canvas by canvas; with ``draft=True``, also each denoising step's draft.
 
     Keyword arguments as ``stream_batch_generate``: ``settings`` and single settings,
-    ``seed``, ``stop``, ``draft``, ``noise``, ``prompt_cache``, ``enable_thinking``, ``tools``
-    and ``chat_template_kwargs``.
+    ``seed``, ``stop``, ``draft``, ``noise``, ``prompt_cache``, ``enable_thinking``, ``tools``,
+    ``chat_template_kwargs``, ``fixed``, ``json_schema`` and ``regex``.
     """
     return stream_batch_generate(model, tokenizer, [prompt], max_tokens, **kwargs)
 

@@ -1,0 +1,401 @@
+"""Output constrained to a regular language: a regex, or a JSON schema turned into one.
+
+``outlines-core`` compiles the regex into an automaton over the tokenizer's vocabulary
+(which token moves which state to which). Here that automaton is grouped into token
+classes (tokens with identical transitions in every state), so that a canvas step
+reduces the ``[C, V]`` distributions to ``[C, K]`` class scores once, and then runs
+dynamic programs over canvas positions and automaton states (the approach of DINGO,
+Suresh et al. 2025):
+
+- ``viterbi``: the most probable canvas the automaton accepts (its argmax);
+- ``forward_backward``: a canvas sampled from the step's per-position distributions
+  conditioned on acceptance, and each position's marginal entropy under that condition
+  (what the entropy bound sees).
+
+A canvas must end in a state from which the language can still be completed within the
+tokens left (``max_tokens``); the last one ends in an accepting state, or after it in
+EOS. The committed canvas advances the automaton's state for the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+JSON_OBJECT = '{"type": "object"}'  # outlines-core writes it as JSON with bounded nesting
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_UNREACHABLE = np.iinfo(np.int32).max
+
+
+def schema_regex(schema: dict[str, Any] | str | bool) -> str:
+    """The regex of the JSON texts that a JSON schema accepts, or a ValueError naming the problem."""
+    import jsonschema
+    from outlines_core.json_schema import build_regex_from_schema
+
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError("a JSON schema must be an object")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise ValueError(f"invalid JSON schema: {e.message}") from None
+    try:
+        return build_regex_from_schema(json.dumps(schema))
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f"unsupported JSON schema: {str(e).splitlines()[0]}") from None
+    except BaseException as e:  # the Rust side panics on some schemas
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ValueError(f"unsupported JSON schema: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def token_bytes(tokenizer) -> dict[bytes, list[int]]:
+    """Each ordinary token's bytes, as a map from bytes to the ids that write them.
+
+    SentencePiece vocabularies (Gemma's) write a space as ``▁`` and bytes as ``<0xNN>``;
+    other tokens are taken as they decode alone. Special tokens write nothing a regex
+    can match, so they are left out (after EOS anything goes, see ``Automaton``).
+    """
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer.get_vocab()))))
+    spm = any(p and p.startswith("▁") for p in pieces)
+    out: dict[bytes, list[int]] = {}
+    for i, piece in enumerate(pieces):
+        if piece is None or i in special:
+            continue
+        byte = _BYTE_TOKEN.fullmatch(piece)
+        if byte:
+            data = bytes([int(byte.group(1), 16)])
+        elif spm:
+            data = piece.replace("▁", " ").encode()
+        else:
+            text = tokenizer.decode([i])
+            if "\ufffd" in text:
+                continue
+            data = text.encode()
+        if data:
+            out.setdefault(data, []).append(i)
+    return out
+
+
+@dataclass
+class Automaton:
+    """A regex's automaton over token classes, plus an absorbing state ``done`` after EOS.
+
+    ``next[q, k]`` is the state token class ``k`` leads to from state ``q`` (``-1``: not
+    allowed). ``order``/``starts`` list the vocabulary sorted by class, for reductions;
+    the edges (every allowed ``(q, k)``) are kept sorted by target and by source.
+    """
+
+    start: int
+    done: int
+    next: np.ndarray  # [S, K] int32
+    token_class: np.ndarray  # [V] int32
+    order: np.ndarray  # [V] token ids sorted by class
+    starts: np.ndarray  # [K] where each class begins in ``order``
+    distance: np.ndarray  # [S] fewest tokens to an accepting state (0 for accepting states and done)
+
+    def __post_init__(self):
+        src, cls = np.nonzero(self.next >= 0)
+        dst = self.next[src, cls]
+        by_dst = np.argsort(dst, kind="stable")
+        self.in_src, self.in_cls, self.in_dst = src[by_dst], cls[by_dst], dst[by_dst]
+        self.in_targets, self.in_starts = np.unique(self.in_dst, return_index=True)
+        self.out_src, self.out_cls, self.out_dst = src, cls, dst  # np.nonzero gives them sorted by source
+        self.out_sources, self.out_starts = np.unique(src, return_index=True)
+        by_cls = np.argsort(cls, kind="stable")
+        self.cls_order, (self.cls_ids, self.cls_starts) = by_cls, np.unique(cls[by_cls], return_index=True)
+
+    @property
+    def num_states(self) -> int:
+        return self.next.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.next.shape[1]
+
+    @classmethod
+    def build(cls, regex: str, tokenizer, vocab_size: int | None = None) -> "Automaton":
+        """Compile ``regex`` over ``tokenizer``'s vocabulary; a ValueError if the library cannot."""
+        from outlines_core import Index, Vocabulary
+
+        eos_ids = sorted(set(tokenizer.eos_token_ids))
+        try:
+            index = Index(regex, Vocabulary(eos_ids[0], _vocabulary(tokenizer)))
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise ValueError(f"cannot compile the regex: {str(e).splitlines()[0]}") from None
+        except BaseException as e:  # panics of the Rust side
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise ValueError(f"cannot compile the regex: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        vocab = vocab_size or len(tokenizer.get_vocab())
+        transitions = index.get_transitions()
+        ids = {state: i for i, state in enumerate(sorted(transitions.keys() | set(index.get_final_states())))}
+        done = len(ids)
+        eos = np.array(eos_ids, dtype=np.int64)
+        rows = []
+        for state, i in ids.items():
+            moves = {t: n for t, n in transitions.get(state, {}).items() if t not in eos_ids}
+            tokens = np.fromiter(moves.keys(), dtype=np.int64, count=len(moves))
+            targets = np.fromiter((ids[n] for n in moves.values()), dtype=np.int64, count=len(moves))
+            if index.is_final_state(state):
+                tokens, targets = np.concatenate([tokens, eos]), np.concatenate([targets, np.full(len(eos), done)])
+            rows.append((i, tokens, targets))
+        token_class = _classes(rows, vocab)
+        table = np.full((done + 1, int(token_class.max()) + 1), -1, dtype=np.int32)
+        for i, tokens, targets in rows:
+            table[i, token_class[tokens]] = targets
+        table[done, :] = done
+        order = np.argsort(token_class, kind="stable")
+        starts = np.searchsorted(token_class[order], np.arange(table.shape[1]))
+        finals = [ids[s] for s in index.get_final_states()] + [done]
+        return cls(ids[index.get_initial_state()], done, table, token_class, order, starts, _distances(table, finals))
+
+    def advance(self, state: int, tokens: list[int]) -> int:
+        """The state after ``tokens``; a ValueError if the automaton refuses one."""
+        for t in tokens:
+            state = int(self.next[state, self.token_class[t]])
+            if state < 0:
+                raise ValueError("the tokens leave the constrained language")
+        return state
+
+
+def _vocabulary(tokenizer) -> dict[bytes, list[int]]:
+    key = id(tokenizer)
+    if key not in _VOCABULARIES:
+        _VOCABULARIES[key] = token_bytes(tokenizer)
+        while len(_VOCABULARIES) > 4:
+            _VOCABULARIES.popitem(last=False)
+    return _VOCABULARIES[key]
+
+
+_VOCABULARIES: OrderedDict[int, dict[bytes, list[int]]] = OrderedDict()
+
+
+def _classes(rows: list[tuple[int, np.ndarray, np.ndarray]], vocab: int) -> np.ndarray:
+    """Token classes: tokens whose (state, target) pairs agree in every state, by a 64-bit hash of them."""
+    signature = np.zeros(vocab, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for state, tokens, targets in rows:
+            step = (np.uint64(state) * np.uint64(0x9E3779B97F4A7C15)) ^ (targets.astype(np.uint64) + np.uint64(1))
+            signature[tokens] = signature[tokens] * np.uint64(0xBF58476D1CE4E5B9) + step * np.uint64(0x94D049BB133111EB)
+    return np.unique(signature, return_inverse=True)[1].astype(np.int32).reshape(-1)
+
+
+def _distances(table: np.ndarray, finals: list[int]) -> np.ndarray:
+    """Fewest transitions from each state to an accepting one (breadth first, backwards)."""
+    distance = np.full(table.shape[0], _UNREACHABLE, dtype=np.int64)
+    distance[finals] = 0
+    frontier, d = np.zeros(table.shape[0], dtype=bool), 0
+    frontier[finals] = True
+    while frontier.any():
+        d += 1
+        reach = ((table >= 0) & frontier[np.maximum(table, 0)]).any(axis=1) & (distance == _UNREACHABLE)
+        distance[reach] = d
+        frontier = reach
+    return distance
+
+
+def check_length(automaton: Automaton, max_tokens: int) -> None:
+    """Refuse a request whose shortest accepted output is longer than ``max_tokens``."""
+    shortest = int(automaton.distance[automaton.start])
+    if shortest == _UNREACHABLE:
+        raise ValueError("the constraint accepts no output at all")
+    if shortest > max_tokens:
+        raise ValueError(f"the shortest output the constraint allows is {shortest} tokens, more than max_tokens ({max_tokens})")
+
+
+def end_states(automaton: Automaton, tokens_after: int) -> np.ndarray:
+    """States a canvas may end in when ``tokens_after`` tokens may still follow it."""
+    return automaton.distance <= tokens_after
+
+
+def class_scores(automaton: Automaton, logits: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per position and token class: the largest logit, the probability mass, and ``sum(p * logit)``.
+
+    ``logits``/``probs`` are one row's ``[n, V]`` scaled logits and their softmax. A class
+    whose float32 mass underflows to zero still weighs ``exp(max logit - logsumexp)``.
+    """
+    x, p = logits[:, automaton.order], probs[:, automaton.order]
+    best = np.maximum.reduceat(x, automaton.starts, axis=1).astype(np.float64)
+    mass = np.add.reduceat(p, automaton.starts, axis=1, dtype=np.float64)
+    px = np.add.reduceat(p * x, automaton.starts, axis=1, dtype=np.float64)
+    lse = (logits.max(axis=1) - np.log(probs.max(axis=1))).astype(np.float64)[:, None]
+    mass = np.maximum(mass, np.exp(best - lse))
+    return best, mass, px, lse[:, 0]
+
+
+def viterbi(automaton: Automaton, score: np.ndarray, state: int, end: np.ndarray) -> tuple[np.ndarray, int]:
+    """The class sequence maximizing ``sum(score[i, k_i])`` along an accepted path from ``state``
+    to a state in ``end`` (a bool mask), and the state it ends in."""
+    a = automaton
+    n = score.shape[0]
+    best = np.full((n + 1, a.num_states), -np.inf)
+    best[0, state] = 0.0
+    for i in range(n):
+        candidate = best[i, a.in_src] + score[i, a.in_cls]
+        best[i + 1, a.in_targets] = np.maximum.reduceat(candidate, a.in_starts)
+    final = np.where(end, best[n], -np.inf)
+    q = int(final.argmax())
+    if not np.isfinite(final[q]):
+        raise ValueError("no accepted canvas: the automaton state cannot be completed")
+    last, path = q, np.empty(n, dtype=np.int64)
+    for i in range(n - 1, -1, -1):
+        edges = _edges_into(a, q)
+        e = edges[np.argmax(best[i, a.in_src[edges]] + score[i, a.in_cls[edges]])]
+        path[i], q = a.in_cls[e], int(a.in_src[e])
+    return path, last
+
+
+def forward_backward(automaton: Automaton, mass: np.ndarray, state: int, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Forward and backward weights of accepted paths, normalized per position (``[n + 1, S]`` each)."""
+    a = automaton
+    n = mass.shape[0]
+    alpha, beta = np.zeros((n + 1, a.num_states)), np.zeros((n + 1, a.num_states))
+    alpha[0, state] = 1.0
+    beta[n] = end
+    for i in range(n):
+        flow = alpha[i, a.in_src] * mass[i, a.in_cls]
+        alpha[i + 1, a.in_targets] = np.add.reduceat(flow, a.in_starts)
+        alpha[i + 1] /= max(alpha[i + 1].sum(), 1e-300)
+    for i in range(n - 1, -1, -1):
+        flow = mass[i, a.out_cls] * beta[i + 1, a.out_dst]
+        beta[i, a.out_sources] = np.add.reduceat(flow, a.out_starts)
+        beta[i] /= max(beta[i].sum(), 1e-300)
+    return alpha, beta
+
+
+def class_marginals(automaton: Automaton, mass: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """``[n, K]``: the probability that position ``i`` holds a token of class ``k``, over accepted canvases."""
+    a = automaton
+    flow = alpha[:-1, a.out_src] * mass[:, a.out_cls] * beta[1:, a.out_dst]
+    marginal = np.zeros(mass.shape)
+    marginal[:, a.cls_ids] = np.add.reduceat(flow[:, a.cls_order], a.cls_starts, axis=1)
+    return marginal / np.maximum(marginal.sum(axis=1, keepdims=True), 1e-300)
+
+
+def marginal_entropy(marginal: np.ndarray, mass: np.ndarray, px: np.ndarray, lse: np.ndarray) -> np.ndarray:
+    """Entropy (nats) of each position's token distribution conditioned on acceptance.
+
+    Within class ``k`` tokens keep their relative probabilities, so a token's conditioned
+    probability is ``m_k p_v / w_k``; summing ``-q log q`` over a class needs only its
+    mass ``w_k`` and ``sum(p_v x_v)``, since ``log p_v = x_v - lse``.
+    """
+    m, w = marginal, np.maximum(mass, 1e-300)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inner = np.where(m > 0, m * (px / w - lse[:, None]) + m * np.log(np.where(m > 0, m, 1.0) / w), 0.0)
+    return np.maximum(-inner.sum(axis=1), 0.0)
+
+
+def sample_path(automaton: Automaton, mass: np.ndarray, alpha: np.ndarray, end: np.ndarray,
+                uniform: np.ndarray, end_uniform: float) -> tuple[np.ndarray, np.ndarray]:
+    """A class sequence drawn from accepted paths (backward sampling), and per position the
+    uniform number left over for drawing a token within its class."""
+    a = automaton
+    n = mass.shape[0]
+    q = _draw(alpha[n] * end, end_uniform)[0]
+    path, rest = np.empty(n, dtype=np.int64), np.empty(n)
+    for i in range(n - 1, -1, -1):
+        edges = _edges_into(a, q)
+        j, rest[i] = _draw(alpha[i, a.in_src[edges]] * mass[i, a.in_cls[edges]], float(uniform[i]))
+        path[i], q = a.in_cls[edges[j]], int(a.in_src[edges[j]])
+    return path, rest
+
+
+def _edges_into(automaton: Automaton, q: int) -> np.ndarray:
+    k = int(np.searchsorted(automaton.in_targets, q))
+    stop = automaton.in_starts[k + 1] if k + 1 < len(automaton.in_starts) else len(automaton.in_dst)
+    return np.arange(automaton.in_starts[k], stop)
+
+
+def _draw(weights: np.ndarray, u: float) -> tuple[int, float]:
+    """Inverse-CDF draw of an index by ``weights``, and ``u`` rescaled to the chosen interval (uniform again)."""
+    cdf = np.cumsum(weights)
+    total = cdf[-1]
+    if not total > 0:
+        raise ValueError("no accepted canvas: the automaton state cannot be completed")
+    j = min(int(np.searchsorted(cdf, u * total, side="right")), len(cdf) - 1)
+    low = cdf[j - 1] if j else 0.0
+    width = cdf[j] - low
+    return j, float(np.clip((u * total - low) / width, 0.0, 1.0 - 1e-12)) if width > 0 else 0.5
+
+
+def tokens_in_classes(automaton: Automaton, path: np.ndarray, logits: np.ndarray, probs: np.ndarray,
+                      rest: np.ndarray | None) -> np.ndarray:
+    """Per position a token of its class: drawn by its probability with ``rest``, or the most likely (``rest=None``)."""
+    a, out = automaton, np.empty(len(path), dtype=np.int64)
+    ends = np.append(a.starts[1:], len(a.order))
+    for i, k in enumerate(path):
+        members = a.order[a.starts[k] : ends[k]]
+        if len(members) == 1:
+            out[i] = members[0]
+            continue
+        p = probs[i, members].astype(np.float64)
+        cdf = np.cumsum(p)
+        if rest is None or not cdf[-1] > 0:
+            out[i] = members[np.argmax(logits[i, members])]
+        else:
+            out[i] = members[min(int(np.searchsorted(cdf, rest[i] * cdf[-1], side="right")), len(members) - 1)]
+    return out
+
+
+@dataclass
+class Guide:
+    """One row's constraint over a canvas: the automaton's state at the canvas's start, the
+    positions that count (the tokens still wanted, at most a canvas) and the tokens that may follow."""
+
+    automaton: Automaton
+    state: int
+    positions: int
+    tokens_after: int
+
+    def argmax(self, logits: np.ndarray) -> np.ndarray:
+        """The most probable accepted tokens for the counted positions (``logits`` ``[C, V]``)."""
+        n = self.positions
+        best = np.maximum.reduceat(logits[:n, self.automaton.order], self.automaton.starts, axis=1)
+        path, _ = viterbi(self.automaton, best.astype(np.float64), self.state, end_states(self.automaton, self.tokens_after))
+        return tokens_in_classes(self.automaton, path, logits[:n], logits[:n], None)
+
+    def step(self, logits: np.ndarray, probs: np.ndarray, uniform: np.ndarray,
+             end_uniform: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For the counted positions: a sample of an accepted canvas, the most probable one, and
+        each position's entropy conditioned on acceptance."""
+        a, n = self.automaton, self.positions
+        logits, probs = logits[:n], probs[:n]
+        end = end_states(a, self.tokens_after)
+        best, mass, px, lse = class_scores(a, logits, probs)
+        path, _ = viterbi(a, best, self.state, end)
+        argmax = tokens_in_classes(a, path, logits, probs, None)
+        alpha, beta = forward_backward(a, mass, self.state, end)
+        entropy = marginal_entropy(class_marginals(a, mass, alpha, beta), mass, px, lse)
+        drawn, rest = sample_path(a, mass, alpha, end, uniform[:n], end_uniform)
+        return tokens_in_classes(a, drawn, logits, probs, rest), argmax, entropy
+
+
+_AUTOMATA: OrderedDict[tuple[int, str], Automaton] = OrderedDict()
+
+
+def automaton_for(tokenizer, *, json_schema: Any = None, regex: str | None = None, vocab_size: int | None = None) -> Automaton:
+    """The automaton of a JSON schema (``"json_object"`` for any JSON object) or a regex,
+    compiled once per tokenizer and kept for the next requests (the last 16)."""
+    if (json_schema is None) == (regex is None):
+        raise ValueError("give either a JSON schema or a regex")
+    if regex is not None and not isinstance(regex, str):
+        raise ValueError("regex must be a string")
+    pattern = regex if regex is not None else schema_regex(JSON_OBJECT if json_schema == "json_object" else json_schema)
+    key = (id(tokenizer), pattern)
+    if key not in _AUTOMATA:
+        _AUTOMATA[key] = Automaton.build(pattern, tokenizer, vocab_size)
+        while len(_AUTOMATA) > 16:
+            _AUTOMATA.popitem(last=False)
+    _AUTOMATA.move_to_end(key)
+    return _AUTOMATA[key]
