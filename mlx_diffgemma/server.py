@@ -67,6 +67,7 @@ from .generate import (Draft, GenerationResponse, PromptCache, check_request, fi
                        random_seed, resolve_settings, stream_batch_generate, stream_generate)
 from . import anthropic, responses_api
 from .infill import Infill, stream_infill
+from .constrained import automaton_for, check_length, schema_regex
 from .lockstep import Lockstep
 from .model import Model
 from .tools import RequestError, arguments_json, call_id, openai_tools, parse_arguments, tool_choice
@@ -223,6 +224,13 @@ class Worker:
             check_request(self.model, [ids], options["max_tokens"], settings.canvas_length)
         except ValueError as e:
             raise APIError(400, str(e)) from None
+        if options.get("json_schema") is not None:
+            try:  # compiled here, once, so that a refused schema is a 400 before anything streams
+                constraint = automaton_for(self.tokenizer, json_schema=options["json_schema"],
+                                           vocab_size=self.model.args.vocab_size)
+                check_length(constraint, options["max_tokens"])
+            except ValueError as e:
+                raise APIError(400, str(e), "response_format") from None
         return ids, options
 
     def forced_call(self, choice: str) -> list[int]:
@@ -426,6 +434,28 @@ def request_tools(body: dict) -> tuple[list[dict[str, Any]] | None, str | None]:
     except RequestError as e:
         raise APIError(400, str(e), e.param) from None
     return (tools or None) if choice != "none" else None, choice
+
+
+def response_format(body: dict) -> Any:
+    """The JSON schema a ``response_format`` asks for (``"json_object"`` for any object), or ``None`` for text."""
+    spec = body.get("response_format")
+    if spec is None:
+        return None
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json_object"
+    if kind != "json_schema":
+        raise APIError(400, "'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format")
+    schema = (spec.get("json_schema") or {}).get("schema") if isinstance(spec.get("json_schema"), dict) else None
+    if not isinstance(schema, dict):
+        raise APIError(400, "'response_format.json_schema.schema' must be a JSON schema object", "response_format")
+    try:
+        schema_regex(schema)
+    except ValueError as e:
+        raise APIError(400, str(e), "response_format") from None
+    return schema
 
 
 def template_options(body: dict) -> dict[str, Any]:
@@ -826,9 +856,20 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
         messages = chat_messages(body.get("messages"))
         tools, choice = request_tools(body)
         options = sampling_options(body)
+        template = template_options(body)
+        schema = response_format(body)
+        if schema is not None:
+            if choice not in (None, "auto", "none"):
+                raise APIError(400, "'response_format' cannot be combined with a 'tool_choice' that forces a call",
+                               "response_format")
+            if template.get("enable_thinking"):
+                raise APIError(400, "'response_format' cannot be combined with thinking: the whole reply is the JSON",
+                               "response_format")
+            # The constrained reply is the JSON itself: no reasoning span before it.
+            template, options["json_schema"] = {**template, "enable_thinking": False}, schema
         n = parse_number(body, "n", int, 1, MAX_CHOICES) or 1
         stream = parse_flag(body, "stream")
-        return Job(messages, options, n, tools, template_options(body), choice), stream, stream and include_usage(body)
+        return Job(messages, options, n, tools, template, choice), stream, stream and include_usage(body)
 
     def translated(body: dict, translate: Callable[[dict], dict]) -> dict:
         try:
