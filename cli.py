@@ -108,6 +108,26 @@ def read_tools(path: Path | None) -> list[dict] | None:
         fail(f"--tools: {e}")
 
 
+def read_schema(path: Path | None, regex: str | None, think: bool | None) -> dict | None:
+    """The JSON schema in ``path`` (--json-schema), checked with --regex and --think; one error line if refused."""
+    import json
+
+    from mlx_diffgemma.constrained import schema_regex
+
+    if path is not None and regex is not None:
+        fail("give --json-schema or --regex, not both")
+    if (path is not None or regex is not None) and think:
+        fail(f"{'--json-schema' if path else '--regex'} cannot be combined with --think: the whole reply is constrained")
+    if path is None:
+        return None
+    try:
+        schema = json.loads(path.read_text())
+        schema_regex(schema)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError among them
+        fail(f"--json-schema {path}: {getattr(e, 'strerror', None) or e}")
+    return schema
+
+
 def load_or_fail(model: str, sharded: bool = False, adapter_path: str | None = None, console: Console | None = None):
     """Load, or exit with a one-line error. With ``sharded`` and several ranks (under
     ``mlx.launch``), each rank loads its slice of the model. With a ``console``, a spinner
@@ -188,6 +208,11 @@ def generate(
     tools: Optional[Path] = Tools,
     hide_reasoning: bool = typer.Option(False, "--hide-reasoning", help="Do not print the model's reasoning."),
     prompt_cache_file: Optional[Path] = PromptCacheFile,
+    json_schema: Optional[Path] = typer.Option(
+        None, "--json-schema", metavar="FILE", show_default=False,
+        help="A JSON schema file: the reply is JSON valid against it (thinking is off)."),
+    regex: Optional[str] = typer.Option(
+        None, "--regex", show_default=False, help="A regular expression the whole reply must match (thinking is off)."),
 ):
     """Answer one prompt and print the reply as it is committed, canvas by canvas.
 
@@ -213,6 +238,9 @@ def generate(
     if raw and templated:
         fail(f"{', '.join(templated)} need the chat template; leave out --raw")
     tool_list = read_tools(tools)
+    schema = read_schema(json_schema, regex, think)
+    if schema is not None or regex is not None:
+        think = None if raw else False  # the constrained reply is the answer itself
     model = resolve_model(model, adapter_path)
     model_obj, tokenizer = load_or_fail(model, sharded=True, adapter_path=adapter_path)
     prompt_cache, cached_system = open_prompt_cache(prompt_cache_file, model_obj)
@@ -234,6 +262,7 @@ def generate(
             model_obj, tokenizer, ids, max_tokens, steps=steps, entropy_bound=entropy_bound,
             t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed, short_final_canvas=short_final_canvas,
             self_conditioning_top_k=sc_top_k, prompt_cache=prompt_cache if prompt_cache_file else None,
+            json_schema=schema, regex=regex,
         ):
             if last.reasoning and show_reasoning:
                 typer.secho(last.reasoning, dim=True, err=True, nl=False)
