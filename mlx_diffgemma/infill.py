@@ -6,7 +6,8 @@ middle's length ``L`` is unknown, so several lengths are denoised side by side, 
 row of a batch, and the rule keeps the one whose canvas the model finds most likely: the
 lowest mean negative log-likelihood over the middle *and the suffix* (a middle of the
 wrong length leaves the suffix a poor continuation). ``benchmarks/infill.py`` measures
-the rule on the Sudoku model, where the true length is known.
+the rule where the true length is known and shorter and longer candidates exist
+(``benchmarks/INFILL.md``).
 """
 
 from __future__ import annotations
