@@ -105,15 +105,50 @@ class Automaton:
     distance: np.ndarray  # [S] fewest tokens to an accepting state (0 for accepting states and done)
 
     def __post_init__(self):
+        # The programs run over pairs of states (``src -> dst``) rather than (state, class)
+        # edges: a JSON string's states move most classes to the same next state. A pair's
+        # classes form one of a few distinct class sets, so per-position scores of pairs
+        # come from per-set reductions of the ``[n, K]`` class scores.
         src, cls = np.nonzero(self.next >= 0)
         dst = self.next[src, cls]
-        by_dst = np.argsort(dst, kind="stable")
-        self.in_src, self.in_cls, self.in_dst = src[by_dst], cls[by_dst], dst[by_dst]
-        self.in_targets, self.in_starts = np.unique(self.in_dst, return_index=True)
-        self.out_src, self.out_cls, self.out_dst = src, cls, dst  # np.nonzero gives them sorted by source
-        self.out_sources, self.out_starts = np.unique(src, return_index=True)
-        by_cls = np.argsort(cls, kind="stable")
-        self.cls_order, (self.cls_ids, self.cls_starts) = by_cls, np.unique(cls[by_cls], return_index=True)
+        order = np.lexsort((cls, dst, src))
+        src, dst, cls = src[order], dst[order], cls[order]
+        new_pair = np.ones(len(src), dtype=bool)
+        new_pair[1:] = (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])
+        starts = np.flatnonzero(new_pair)
+        self.pair_src, self.pair_dst = src[starts], dst[starts]
+        sets: dict[bytes, int] = {}
+        self.pair_set = np.array([sets.setdefault(c.tobytes(), len(sets)) for c in np.split(cls, starts[1:])], dtype=np.int64)
+        members = [np.frombuffer(key, dtype=cls.dtype) for key in sets]
+        self.set_members = np.concatenate(members)
+        self.set_starts = np.cumsum([0] + [len(m) for m in members[:-1]])
+        self.set_classes = np.zeros((len(members), self.next.shape[1]))  # [D, K] membership
+        for d, m in enumerate(members):
+            self.set_classes[d, m] = 1.0
+        states = np.arange(self.next.shape[0])
+        self.first = np.searchsorted(self.pair_src, states)  # pairs leaving q: first[q]:last[q]
+        self.last = np.searchsorted(self.pair_src, states, side="right")
+        self.into = np.argsort(self.pair_dst, kind="stable")  # pairs entering q: into[into_first[q]:into_last[q]]
+        self.into_first = np.searchsorted(self.pair_dst[self.into], states)
+        self.into_last = np.searchsorted(self.pair_dst[self.into], states, side="right")
+
+    def pairs_from(self, states: np.ndarray) -> np.ndarray:
+        """Indices of the pairs leaving ``states``: the programs visit only the states a position can be in."""
+        lengths = self.last[states] - self.first[states]
+        offsets = np.repeat(self.first[states] - np.cumsum(lengths) + lengths, lengths)
+        return offsets + np.arange(int(lengths.sum()))
+
+    def pairs_into(self, state: int) -> np.ndarray:
+        return self.into[self.into_first[state] : self.into_last[state]]
+
+    def set_scores(self, scores: np.ndarray, reduce: np.ufunc) -> np.ndarray:
+        """``[n, K]`` class scores reduced (``np.maximum`` or ``np.add``) over each class set: ``[n, D]``."""
+        return reduce.reduceat(scores[:, self.set_members], self.set_starts, axis=1)
+
+    def classes_of(self, pair: int) -> np.ndarray:
+        d = self.pair_set[pair]
+        stop = self.set_starts[d + 1] if d + 1 < len(self.set_starts) else len(self.set_members)
+        return self.set_members[self.set_starts[d] : stop]
 
     @property
     def num_states(self) -> int:
@@ -144,7 +179,7 @@ class Automaton:
         eos = np.array(eos_ids, dtype=np.int64)
         rows = []
         for state, i in ids.items():
-            moves = {t: n for t, n in transitions.get(state, {}).items() if t not in eos_ids}
+            moves = {t: n for t, n in transitions.get(state, {}).items() if t not in eos_ids and t < vocab}
             tokens = np.fromiter(moves.keys(), dtype=np.int64, count=len(moves))
             targets = np.fromiter((ids[n] for n in moves.values()), dtype=np.int64, count=len(moves))
             if index.is_final_state(state):
@@ -225,13 +260,14 @@ def class_scores(automaton: Automaton, logits: np.ndarray, probs: np.ndarray) ->
     ``logits``/``probs`` are one row's ``[n, V]`` scaled logits and their softmax. A class
     whose float32 mass underflows to zero still weighs ``exp(max logit - logsumexp)``.
     """
-    x, p = logits[:, automaton.order], probs[:, automaton.order]
+    lse = logits.max(axis=1) - np.log(probs.max(axis=1))
+    x = np.take(logits, automaton.order, axis=1)
+    p = np.exp(x - lse[:, None])  # the softmax in class order: cheaper than gathering it
     best = np.maximum.reduceat(x, automaton.starts, axis=1).astype(np.float64)
-    mass = np.add.reduceat(p, automaton.starts, axis=1, dtype=np.float64)
-    px = np.add.reduceat(p * x, automaton.starts, axis=1, dtype=np.float64)
-    lse = (logits.max(axis=1) - np.log(probs.max(axis=1))).astype(np.float64)[:, None]
-    mass = np.maximum(mass, np.exp(best - lse))
-    return best, mass, px, lse[:, 0]
+    mass = np.add.reduceat(p, automaton.starts, axis=1).astype(np.float64)
+    px = np.add.reduceat(p * x, automaton.starts, axis=1).astype(np.float64)
+    lse = lse.astype(np.float64)
+    return best, np.maximum(mass, np.exp(best - lse[:, None])), px, lse
 
 
 def viterbi(automaton: Automaton, score: np.ndarray, state: int, end: np.ndarray) -> tuple[np.ndarray, int]:
@@ -239,48 +275,51 @@ def viterbi(automaton: Automaton, score: np.ndarray, state: int, end: np.ndarray
     to a state in ``end`` (a bool mask), and the state it ends in."""
     a = automaton
     n = score.shape[0]
+    pair_score = a.set_scores(score, np.maximum)[:, a.pair_set]
     best = np.full((n + 1, a.num_states), -np.inf)
     best[0, state] = 0.0
     for i in range(n):
-        candidate = best[i, a.in_src] + score[i, a.in_cls]
-        best[i + 1, a.in_targets] = np.maximum.reduceat(candidate, a.in_starts)
+        pairs = a.pairs_from(np.flatnonzero(np.isfinite(best[i])))
+        np.maximum.at(best[i + 1], a.pair_dst[pairs], best[i, a.pair_src[pairs]] + pair_score[i, pairs])
     final = np.where(end, best[n], -np.inf)
     q = int(final.argmax())
     if not np.isfinite(final[q]):
         raise ValueError("no accepted canvas: the automaton state cannot be completed")
     last, path = q, np.empty(n, dtype=np.int64)
     for i in range(n - 1, -1, -1):
-        edges = _edges_into(a, q)
-        e = edges[np.argmax(best[i, a.in_src[edges]] + score[i, a.in_cls[edges]])]
-        path[i], q = a.in_cls[e], int(a.in_src[e])
+        pairs = a.pairs_into(q)
+        pair = pairs[np.argmax(best[i, a.pair_src[pairs]] + pair_score[i, pairs])]
+        classes = a.classes_of(pair)
+        path[i], q = classes[np.argmax(score[i, classes])], int(a.pair_src[pair])
     return path, last
 
 
-def forward_backward(automaton: Automaton, mass: np.ndarray, state: int, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Forward and backward weights of accepted paths, normalized per position (``[n + 1, S]`` each)."""
+def forward_backward(automaton: Automaton, mass: np.ndarray, state: int,
+                     end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Forward weights of accepted paths (``[n + 1, S]``, normalized per position) and each
+    position's class marginals (``[n, K]``: the probability that position ``i`` holds a
+    token of class ``k``, over accepted canvases)."""
     a = automaton
-    n = mass.shape[0]
-    alpha, beta = np.zeros((n + 1, a.num_states)), np.zeros((n + 1, a.num_states))
+    n, size = mass.shape[0], a.num_states
+    pair_mass = a.set_scores(mass, np.add)[:, a.pair_set]
+    alpha = np.zeros((n + 1, size))
     alpha[0, state] = 1.0
-    beta[n] = end
+    live = []
     for i in range(n):
-        flow = alpha[i, a.in_src] * mass[i, a.in_cls]
-        alpha[i + 1, a.in_targets] = np.add.reduceat(flow, a.in_starts)
+        live.append(a.pairs_from(np.flatnonzero(alpha[i])))
+        flow = alpha[i, a.pair_src[live[i]]] * pair_mass[i, live[i]]
+        alpha[i + 1] = np.bincount(a.pair_dst[live[i]], flow, minlength=size)
         alpha[i + 1] /= max(alpha[i + 1].sum(), 1e-300)
+    beta, through = end.astype(np.float64), np.zeros((n, len(a.set_starts)))
     for i in range(n - 1, -1, -1):
-        flow = mass[i, a.out_cls] * beta[i + 1, a.out_dst]
-        beta[i, a.out_sources] = np.add.reduceat(flow, a.out_starts)
-        beta[i] /= max(beta[i].sum(), 1e-300)
-    return alpha, beta
-
-
-def class_marginals(automaton: Automaton, mass: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
-    """``[n, K]``: the probability that position ``i`` holds a token of class ``k``, over accepted canvases."""
-    a = automaton
-    flow = alpha[:-1, a.out_src] * mass[:, a.out_cls] * beta[1:, a.out_dst]
-    marginal = np.zeros(mass.shape)
-    marginal[:, a.cls_ids] = np.add.reduceat(flow[:, a.cls_order], a.cls_starts, axis=1)
-    return marginal / np.maximum(marginal.sum(axis=1, keepdims=True), 1e-300)
+        pairs = live[i]
+        # Paths through each pair (less the pair's own mass, which varies by class): per class set.
+        both = alpha[i, a.pair_src[pairs]] * beta[a.pair_dst[pairs]]
+        through[i] = np.bincount(a.pair_set[pairs], both, minlength=through.shape[1])
+        beta = np.bincount(a.pair_src[pairs], pair_mass[i, pairs] * beta[a.pair_dst[pairs]], minlength=size)
+        beta /= max(beta.max(), 1e-300)
+    marginal = mass * (through @ a.set_classes)
+    return alpha, marginal / np.maximum(marginal.sum(axis=1, keepdims=True), 1e-300)
 
 
 def marginal_entropy(marginal: np.ndarray, mass: np.ndarray, px: np.ndarray, lse: np.ndarray) -> np.ndarray:
@@ -305,16 +344,14 @@ def sample_path(automaton: Automaton, mass: np.ndarray, alpha: np.ndarray, end: 
     q = _draw(alpha[n] * end, end_uniform)[0]
     path, rest = np.empty(n, dtype=np.int64), np.empty(n)
     for i in range(n - 1, -1, -1):
-        edges = _edges_into(a, q)
-        j, rest[i] = _draw(alpha[i, a.in_src[edges]] * mass[i, a.in_cls[edges]], float(uniform[i]))
-        path[i], q = a.in_cls[edges[j]], int(a.in_src[edges[j]])
+        pairs = a.pairs_into(q)
+        pairs = pairs[alpha[i, a.pair_src[pairs]] > 0]
+        weight = np.array([mass[i, a.classes_of(p)].sum() for p in pairs])
+        j, u = _draw(alpha[i, a.pair_src[pairs]] * weight, float(uniform[i]))
+        classes = a.classes_of(pairs[j])
+        k, rest[i] = _draw(mass[i, classes], u)
+        path[i], q = classes[k], int(a.pair_src[pairs[j]])
     return path, rest
-
-
-def _edges_into(automaton: Automaton, q: int) -> np.ndarray:
-    k = int(np.searchsorted(automaton.in_targets, q))
-    stop = automaton.in_starts[k + 1] if k + 1 < len(automaton.in_starts) else len(automaton.in_dst)
-    return np.arange(automaton.in_starts[k], stop)
 
 
 def _draw(weights: np.ndarray, u: float) -> tuple[int, float]:
@@ -375,8 +412,8 @@ class Guide:
         best, mass, px, lse = class_scores(a, logits, probs)
         path, _ = viterbi(a, best, self.state, end)
         argmax = tokens_in_classes(a, path, logits, probs, None)
-        alpha, beta = forward_backward(a, mass, self.state, end)
-        entropy = marginal_entropy(class_marginals(a, mass, alpha, beta), mass, px, lse)
+        alpha, marginal = forward_backward(a, mass, self.state, end)
+        entropy = marginal_entropy(marginal, mass, px, lse)
         drawn, rest = sample_path(a, mass, alpha, end, uniform[:n], end_uniform)
         return tokens_in_classes(a, drawn, logits, probs, rest), argmax, entropy
 
