@@ -26,11 +26,11 @@ def chat_request(body: dict[str, Any]) -> dict[str, Any]:
             raise RequestError(f"'{field}' is not supported: this server stores no responses; send the whole input", field)
     if body.get("background"):
         raise RequestError("'background' responses are not supported", "background")
-    text_format = ((body.get("text") or {}).get("format") or {}).get("type", "text")
-    if text_format != "text":
-        raise RequestError(f"text.format {text_format!r} is not supported; only plain text", "text")
     messages = _instructions(body.get("instructions")) + _input(body.get("input"))
     chat: dict[str, Any] = {"messages": messages}
+    response_format = _text_format(body.get("text"))
+    if response_format is not None:
+        chat["response_format"] = response_format
     for ours, theirs in (("model", "model"), ("max_tokens", "max_output_tokens"), ("temperature", "temperature"),
                          ("top_p", "top_p"), ("stream", "stream")):
         if body.get(theirs) is not None:
@@ -47,6 +47,21 @@ def chat_request(body: dict[str, Any]) -> dict[str, Any]:
         if effort is not None:
             chat["chat_template_kwargs"] = {"enable_thinking": effort not in THINKING_OFF}
     return chat
+
+
+def _text_format(text: Any) -> dict[str, Any] | None:
+    """``text.format`` as a chat ``response_format``: the Responses API names the schema's fields flat."""
+    spec = (text or {}).get("format") if isinstance(text, dict) else None
+    if spec is None:
+        return None
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": spec.get("name"), "schema": spec.get("schema")}}
+    raise RequestError(f"text.format {kind!r} is not supported: 'text', 'json_object' or 'json_schema'", "text")
 
 
 def _instructions(instructions: Any) -> list[dict[str, Any]]:

@@ -49,12 +49,22 @@ def test_input_items_with_a_function_call_round_trip_become_chat_messages():
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0]"),
     ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0]"),
     ({"input": "hi", "reasoning": {"effort": "extreme"}}, "reasoning"),
-    ({"input": "hi", "text": {"format": {"type": "json_object"}}}, "text"),
+    ({"input": "hi", "text": {"format": {"type": "yaml"}}}, "text"),
 ])
 def test_bad_requests_name_the_field(body, param):
     with pytest.raises(RequestError) as error:
         chat_request(body)
     assert error.value.param == param
+
+
+def test_text_formats_become_chat_response_formats():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "name": "thing", "schema": schema, "strict": True}
+    assert chat_request({"input": "hi", "text": {"format": fmt}})["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "thing", "schema": schema}}
+    assert chat_request({"input": "hi", "text": {"format": {"type": "json_object"}}})["response_format"] == {
+        "type": "json_object"}
+    assert "response_format" not in chat_request({"input": "hi", "text": {"format": {"type": "text"}}})
 
 
 def replay(builder, updates):

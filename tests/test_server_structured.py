@@ -83,3 +83,12 @@ def test_bad_response_formats_are_400s_naming_the_field(server, extra, message):
     error = response.json()["error"]
     assert message in error["message"] and error["param"] == "response_format"
     assert "\n" not in error["message"]
+
+
+def test_the_responses_api_takes_a_json_schema_text_format(client, server):
+    _, model = server
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"]}
+    response = client.responses.create(model=model, input="JSON", max_output_tokens=48, extra_body=FAST,
+                                       text={"format": {"type": "json_schema", "name": "t", "schema": schema}})
+    jsonschema.validate(json.loads(response.output_text), schema)
