@@ -34,13 +34,14 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(out: Path) -> int:
-    """Train a SentencePiece tokenizer with Gemma 4's special tokens; save it in HF form. Returns its size."""
+def build_tokenizer(out: Path, lines: list[str] | None = None, vocab_size: int = 480) -> int:
+    """Train a SentencePiece tokenizer with Gemma 4's special tokens (on ``lines``, by default a tiny
+    corpus); save it in HF form. Returns its size."""
     from transformers import GemmaTokenizer
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 40), model_writer=buf, vocab_size=480, model_type="bpe",
+        sentence_iterator=iter(lines or CORPUS * 40), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
         unk_piece="<unk>", user_defined_symbols=SPECIAL_TOKENS, byte_fallback=True, character_coverage=1.0,
         add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
