@@ -48,6 +48,9 @@ def schema_regex(schema: dict[str, Any] | str | bool) -> str:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         raise ValueError(f"invalid JSON schema: {e.message}") from None
+    ignored = _ignored_keyword(schema, "#")
+    if ignored:
+        raise ValueError(f"unsupported JSON schema: '{ignored[0]}' (at {ignored[1]}) cannot be enforced")
     try:
         return build_regex_from_schema(json.dumps(schema))
     except (ValueError, TypeError, RuntimeError) as e:
@@ -56,6 +59,36 @@ def schema_regex(schema: dict[str, Any] | str | bool) -> str:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise ValueError(f"unsupported JSON schema: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+# Keywords outlines-core accepts but does not enforce: a reply could break them, so they are refused.
+IGNORED_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems",
+                    "contains", "minContains", "maxContains", "patternProperties", "propertyNames",
+                    "dependentRequired", "dependentSchemas", "dependencies", "unevaluatedProperties",
+                    "unevaluatedItems", "maxProperties")
+_NAMED_SCHEMAS = ("properties", "$defs", "definitions")  # maps of names to schemas
+_DATA = ("enum", "const", "default", "examples", "required")  # values, not schemas
+
+
+def _ignored_keyword(schema: Any, path: str) -> tuple[str, str] | None:
+    """The first keyword of ``IGNORED_KEYWORDS`` in ``schema`` and where it is."""
+    if isinstance(schema, list):
+        return next((hit for i, sub in enumerate(schema) if (hit := _ignored_keyword(sub, f"{path}/{i}"))), None)
+    if not isinstance(schema, dict):
+        return None
+    keyword = next((k for k in IGNORED_KEYWORDS if k in schema), None)
+    if keyword:
+        return keyword, path
+    for key, value in schema.items():
+        if key in _DATA:
+            continue
+        if key in _NAMED_SCHEMAS and isinstance(value, dict):
+            hit = next((h for name, sub in value.items() if (h := _ignored_keyword(sub, f"{path}/{key}/{name}"))), None)
+        else:
+            hit = _ignored_keyword(value, f"{path}/{key}")
+        if hit:
+            return hit
+    return None
 
 
 def token_bytes(tokenizer) -> dict[bytes, list[int]]:
