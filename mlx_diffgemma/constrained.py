@@ -32,8 +32,9 @@ _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _UNREACHABLE = np.iinfo(np.int32).max
 
 
-def schema_regex(schema: dict[str, Any] | str | bool) -> str:
-    """The regex of the JSON texts that a JSON schema accepts, or a ValueError naming the problem."""
+def schema_regex(schema: dict[str, Any] | str | bool, whitespace: str | None = None) -> str:
+    """The regex of the JSON texts that a JSON schema accepts, or a ValueError naming the problem.
+    ``whitespace`` is the pattern allowed between tokens (the library's default: one optional space)."""
     import jsonschema
     from outlines_core.json_schema import build_regex_from_schema
 
@@ -52,13 +53,66 @@ def schema_regex(schema: dict[str, Any] | str | bool) -> str:
     if ignored:
         raise ValueError(f"unsupported JSON schema: '{ignored[0]}' (at {ignored[1]}) cannot be enforced")
     try:
-        return build_regex_from_schema(json.dumps(schema))
+        return build_regex_from_schema(json.dumps(schema), whitespace_pattern=whitespace)
     except (ValueError, TypeError, RuntimeError) as e:
         raise ValueError(f"unsupported JSON schema: {str(e).splitlines()[0]}") from None
     except BaseException as e:  # the Rust side panics on some schemas
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise ValueError(f"unsupported JSON schema: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+# Gemma 4's tool-call marker tokens, written in a tool call's regex as private-use characters
+# (U+E000-U+E002); ordinary tokens that write the byte those begin with are then left out.
+TOOL_MARKERS = {'<|"|>': "\ue000", "<|tool_call>": "\ue001", "<tool_call|>": "\ue002"}
+_MARKER_LEAD = "\ue000".encode()[:1]
+
+
+def tool_call_regex(tools: list[dict[str, Any]], name: str | None = None) -> str:
+    """The regex of one Gemma 4 tool call, ``<|tool_call>call:NAME{key:<|"|>text<|"|>,n:3}<tool_call|>``,
+    to ``name`` (or to any of ``tools``, OpenAI's function form), with arguments valid against
+    the function's parameters: a JSON schema's regex with bare keys and ``<|"|>`` for quotes."""
+    calls = []
+    for tool in tools:
+        function = tool["function"]
+        if name is None or function["name"] == name:
+            parameters = function.get("parameters") or {"type": "object", "properties": {}}
+            calls.append(re.escape(function["name"]) + _gemma_arguments(parameters, function["name"]))
+    if not calls:
+        raise ValueError(f"no declared tool is named {name!r}")
+    return TOOL_MARKERS["<|tool_call>"] + "call:(" + "|".join(calls) + ")" + TOOL_MARKERS["<tool_call|>"]
+
+
+def _gemma_arguments(schema: dict[str, Any], name: str) -> str:
+    problem = _gemma_unwritable(schema, "#")
+    if problem:
+        raise ValueError(f"the parameters of '{name}' cannot be written in Gemma 4's call format: {problem}")
+    regex = re.sub(r'"(\w+)":', r"\1:", schema_regex(schema, whitespace=""))
+    return regex.replace('"', TOOL_MARKERS['<|"|>'])
+
+
+def _gemma_unwritable(schema: Any, path: str) -> str | None:
+    """Why a schema's values could not be parsed back from Gemma 4's format, if they could not:
+    keys are written bare (so they must be word characters) and objects need named properties."""
+    if isinstance(schema, list):
+        return next((w for i, sub in enumerate(schema) if (w := _gemma_unwritable(sub, f"{path}/{i}"))), None)
+    if not isinstance(schema, dict):
+        return None
+    if schema.get("type") == "object" and not schema.get("properties") and path != "#":
+        return f"an object without named properties at {path}"
+    for key, value in schema.items():
+        if key in _DATA:
+            continue
+        if key in _NAMED_SCHEMAS and isinstance(value, dict):
+            bad = next((n for n in value if key == "properties" and not re.fullmatch(r"\w+", n)), None)
+            if bad is not None:
+                return f"the property name {bad!r} at {path} is not made of letters, digits and '_'"
+            why = next((w for n, sub in value.items() if (w := _gemma_unwritable(sub, f"{path}/{key}/{n}"))), None)
+        else:
+            why = _gemma_unwritable(value, f"{path}/{key}")
+        if why:
+            return why
+    return None
 
 
 # Keywords outlines-core accepts but does not enforce: a reply could break them, so they are refused.
@@ -91,18 +145,23 @@ def _ignored_keyword(schema: Any, path: str) -> tuple[str, str] | None:
     return None
 
 
-def token_bytes(tokenizer) -> dict[bytes, list[int]]:
+def token_bytes(tokenizer, markers: bool = False) -> dict[bytes, list[int]]:
     """Each ordinary token's bytes, as a map from bytes to the ids that write them.
 
     SentencePiece vocabularies (Gemma's) write a space as ``▁`` and bytes as ``<0xNN>``;
     other tokens are taken as they decode alone. Special tokens write nothing a regex
-    can match, so they are left out (after EOS anything goes, see ``Automaton``).
+    can match, so they are left out (after EOS anything goes, see ``Automaton``). With
+    ``markers``, Gemma 4's tool-call markers write their stand-ins (``TOOL_MARKERS``), and
+    no other token may write a byte that begins one.
     """
     special = set(getattr(tokenizer, "all_special_ids", []) or []) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer.get_vocab()))))
     spm = any(p and p.startswith("▁") for p in pieces)
     out: dict[bytes, list[int]] = {}
     for i, piece in enumerate(pieces):
+        if markers and piece in TOOL_MARKERS:
+            out.setdefault(TOOL_MARKERS[piece].encode(), []).append(i)
+            continue
         if piece is None or i in special:
             continue
         byte = _BYTE_TOKEN.fullmatch(piece)
@@ -115,8 +174,10 @@ def token_bytes(tokenizer) -> dict[bytes, list[int]]:
             if "\ufffd" in text:
                 continue
             data = text.encode()
-        if data:
+        if data and not (markers and _MARKER_LEAD in data):
             out.setdefault(data, []).append(i)
+    if markers and len(out.keys() & {m.encode() for m in TOOL_MARKERS.values()}) < len(TOOL_MARKERS):
+        raise ValueError("this model's tokenizer lacks Gemma 4's tool-call markers (<|tool_call>, <tool_call|>, <|\"|>)")
     return out
 
 
@@ -197,8 +258,9 @@ class Automaton:
         from outlines_core import Index, Vocabulary
 
         eos_ids = sorted(set(tokenizer.eos_token_ids))
+        vocabulary = Vocabulary(eos_ids[0], _vocabulary(tokenizer, any(m in regex for m in TOOL_MARKERS.values())))
         try:
-            index = Index(regex, Vocabulary(eos_ids[0], _vocabulary(tokenizer)))
+            index = Index(regex, vocabulary)
         except (ValueError, TypeError, RuntimeError) as e:
             raise ValueError(f"cannot compile the regex: {str(e).splitlines()[0]}") from None
         except BaseException as e:  # panics of the Rust side
@@ -237,16 +299,16 @@ class Automaton:
         return state
 
 
-def _vocabulary(tokenizer) -> dict[bytes, list[int]]:
-    key = id(tokenizer)
+def _vocabulary(tokenizer, markers: bool) -> dict[bytes, list[int]]:
+    key = (id(tokenizer), markers)
     if key not in _VOCABULARIES:
-        _VOCABULARIES[key] = token_bytes(tokenizer)
+        _VOCABULARIES[key] = token_bytes(tokenizer, markers)
         while len(_VOCABULARIES) > 4:
             _VOCABULARIES.popitem(last=False)
     return _VOCABULARIES[key]
 
 
-_VOCABULARIES: OrderedDict[int, dict[bytes, list[int]]] = OrderedDict()
+_VOCABULARIES: OrderedDict[tuple[int, bool], dict[bytes, list[int]]] = OrderedDict()
 
 
 def _classes(rows: list[tuple[int, np.ndarray, np.ndarray]], vocab: int) -> np.ndarray:

@@ -67,7 +67,7 @@ from .generate import (Draft, GenerationResponse, PromptCache, check_request, fi
                        random_seed, resolve_settings, stream_batch_generate, stream_generate)
 from . import anthropic, responses_api
 from .infill import Infill, stream_infill
-from .constrained import automaton_for, check_length, schema_regex
+from .constrained import automaton_for, check_length, schema_regex, tool_call_regex
 from .lockstep import Lockstep
 from .model import Model
 from .tools import RequestError, arguments_json, call_id, openai_tools, parse_arguments, tool_choice
@@ -125,7 +125,7 @@ class Job:
     n: int = 1
     tools: list[dict[str, Any]] | None = None
     template: dict[str, Any] = field(default_factory=dict)  # chat template options (enable_thinking, ...)
-    tool_choice: str | None = None  # "required" or a function's name: the reply starts with a call
+    tool_choice: str | None = None  # "required" or a function's name: the reply is one call, constrained
     suffix: str | None = None  # infilling: the completion is the middle between the prompt and this
     emit: Callable[[Event], None] = lambda event: None  # set by the request that waits for the events
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -212,8 +212,6 @@ class Worker:
         options = dict(job.options)
         if job.suffix is not None:
             return ids, {"infills": self.infills(job, options)}
-        if job.tool_choice not in (None, "auto", "none"):
-            options["fixed"] = self.forced_call(job.tool_choice)
         try:
             settings = resolve_settings(self.model, **{k: options.get(k) for k in EXTRA_SETTINGS})
             room = fitting_tokens(self.model, len(ids), settings.canvas_length)
@@ -224,24 +222,17 @@ class Worker:
             check_request(self.model, [ids], options["max_tokens"], settings.canvas_length)
         except ValueError as e:
             raise APIError(400, str(e)) from None
-        if options.get("json_schema") is not None:
-            try:  # compiled here, once, so that a refused schema is a 400 before anything streams
-                constraint = automaton_for(self.tokenizer, json_schema=options["json_schema"],
-                                           vocab_size=self.model.args.vocab_size)
+        param = "response_format" if options.get("json_schema") is not None else "tool_choice"
+        try:  # compiled here, once, so that a refused constraint is a 400 before anything streams
+            if job.tool_choice not in (None, "auto", "none"):  # the reply is one call, its arguments valid
+                options["regex"] = tool_call_regex(job.tools, None if job.tool_choice == "required" else job.tool_choice)
+            if options.get("json_schema") is not None or options.get("regex") is not None:
+                constraint = automaton_for(self.tokenizer, json_schema=options.get("json_schema"),
+                                           regex=options.get("regex"), vocab_size=self.model.args.vocab_size)
                 check_length(constraint, options["max_tokens"])
-            except ValueError as e:
-                raise APIError(400, str(e), "response_format") from None
+        except ValueError as e:
+            raise APIError(400, str(e), param) from None
         return ids, options
-
-    def forced_call(self, choice: str) -> list[int]:
-        """The tokens a forced tool call begins with, fixed at the start of the reply: the
-        call marker for ``"required"``, and the function's name too for a named one."""
-        start = getattr(self.tokenizer, "tool_call_start", None)
-        if start != "<|tool_call>":
-            raise APIError(400, "'tool_choice' can only force a call on a model with Gemma 4's tool-call format",
-                           "tool_choice")
-        text = start + "call:" + ("" if choice == "required" else choice + "{")
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def infills(self, job: Job, options: dict[str, Any]) -> list[Generator[Draft, None, Infill]]:
         """One infill per choice (choice ``i`` with seed ``seed + i``), its input checked now."""
