@@ -99,12 +99,13 @@ def step_cost(model, tokenizer, steps: int, reps: int) -> dict:
     return {"free_s": float(free), "constrained_s": float(constrained), "ratio": float(constrained / free)}
 
 
-def validity(model, tokenizer, count: int, max_tokens: int, steps: int) -> dict:
+def validity(write, count: int) -> dict:
+    """``write(schema, seed)`` gives a reply's text; how many of ``count`` random schemas' replies validate."""
     rng, valid, failures, seconds = random.Random(0), 0, [], []
     for i in range(count):
         schema = random_schema(rng)
         start = time.perf_counter()
-        text = generate(model, tokenizer, "Write JSON.", max_tokens=max_tokens, json_schema=schema, seed=i, steps=steps)
+        text = write(schema, i)
         seconds.append(time.perf_counter() - start)
         try:
             jsonschema.validate(json.loads(text), schema)
@@ -112,6 +113,27 @@ def validity(model, tokenizer, count: int, max_tokens: int, steps: int) -> dict:
         except (ValueError, jsonschema.ValidationError) as e:
             failures.append((schema, text, str(e)[:200]))
     return {"count": count, "valid": valid, "failures": failures[:5], "median_s": float(np.median(seconds))}
+
+
+def server_validity(model_dir: Path, count: int) -> dict:
+    """The same through ``mlx-diffgemma serve`` with the ``openai`` client (``response_format``)."""
+    import openai
+    from test_server import start_server
+
+    process, base = start_server(model_dir)
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="local", max_retries=0, timeout=300)
+
+    def write(schema, seed):
+        fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+        reply = client.chat.completions.create(model=str(model_dir), messages=[{"role": "user", "content": "Write JSON."}],
+                                               response_format=fmt, max_tokens=128, seed=seed, extra_body={"steps": 4})
+        return reply.choices[0].message.content
+
+    try:
+        return validity(write, count)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def main() -> None:
@@ -134,18 +156,21 @@ def main() -> None:
     model, tokenizer = load(tiny)
     builds = build_times(tokenizer, args.vocab)
     print("build", builds, flush=True)
-    valid = validity(model, tokenizer, args.schemas, 128, 4)
+    valid = validity(lambda schema, seed: generate(model, tokenizer, "Write JSON.", max_tokens=128, json_schema=schema,
+                                                   seed=seed, steps=4), args.schemas)
     print("validity", {k: v for k, v in valid.items() if k != "failures"}, valid["failures"], flush=True)
+    served = server_validity(tiny, args.schemas)
+    print("server", {k: v for k, v in served.items() if k != "failures"}, served["failures"], flush=True)
     mid = write_random_checkpoint(work / "mid", vocab_size=args.vocab)
     add_tokenizer(mid, work / "tok")
     model, tokenizer = load(mid)
     cost = step_cost(model, tokenizer, args.steps, args.reps)
     print("step", cost, flush=True)
     if args.out:
-        args.out.write_text(report(args, builds, valid, cost))
+        args.out.write_text(report(args, builds, valid, served, cost))
 
 
-def report(args, builds: dict, valid: dict, cost: dict) -> str:
+def report(args, builds: dict, valid: dict, served: dict, cost: dict) -> str:
     return f"""# Constrained output: measurements
 
 `python benchmarks/constrained.py --schemas {args.schemas} --vocab {args.vocab} --steps {args.steps} --reps {args.reps}`
@@ -159,7 +184,9 @@ an array of up to four strings, a boolean), all required.
 {valid['valid']} of {valid['count']} replies parse and validate with `jsonschema` (random schemas from
 `tests/schemas.py`: nested objects, bounded arrays, enums, integers and numbers, strings with length
 bounds and patterns, optional fields), tiny random model at the same vocabulary, max_tokens 128, canvas 32,
-4 steps; median {valid['median_s']:.2f} s per reply, automaton build included.
+4 steps; median {valid['median_s']:.2f} s per reply, automaton build included. Through `mlx-diffgemma serve`
+with the `openai` client (`response_format` `json_schema`, same schemas and settings): {served['valid']} of
+{served['count']} (median {served['median_s']:.2f} s per request).
 
 ## Automaton build (six-field schema)
 
