@@ -23,6 +23,7 @@ from .model import Model
 from .prompt_cache import PromptCache
 from .reply import Markers, Reply, ReplyStream
 from .sampler import DiffusionSettings, accept, distribution, is_stable, renoise, sample, temperature
+from .vision import attach_images, split_image_parts
 
 PREFILL_STEP_SIZE = 512
 
@@ -224,8 +225,14 @@ def _guided_step(guides: Sequence[Guide | None], scaled: mx.array, probs: mx.arr
     return tuple(mx.array(out, dtype=like.dtype) for out, like in zip(outs, (samples, argmax, entropy)))
 
 
-def prefill(model: Model, input_ids: mx.array, cache, step_size: int = PREFILL_STEP_SIZE) -> None:
-    """Encode a prompt in chunks, so attention temporaries stay bounded on long prompts."""
+def prefill(model: Model, input_ids: mx.array, cache, step_size: int = PREFILL_STEP_SIZE,
+            image_features: mx.array | None = None) -> None:
+    """Encode a prompt in chunks, so attention temporaries stay bounded on long prompts
+    (in one pass when it holds images, so that no image is split)."""
+    if image_features is not None:
+        model.encode(input_ids, cache, image_features)
+        mx.eval(cache.state())
+        return
     for start in range(0, input_ids.shape[1], step_size):
         model.encode(input_ids[:, start : start + step_size], cache)
         mx.eval(cache.state())
@@ -266,7 +273,8 @@ def generate_step(
     pad_token_id: int = 0,
     cache: DiffusionCache | None = None,
     fixed: Sequence[Sequence[int | None]] | None = None,
-    constraint: Automaton | None = None,
+    constraint: Automaton | Sequence[Automaton] | None = None,
+    image_features: mx.array | None = None,
 ) -> Iterator[Prefilled | Draft | Canvas]:
     """Generate for a batch of token-id prompts (left-padded); yields the end of prefill, drafts and committed canvases.
 
@@ -276,7 +284,8 @@ def generate_step(
     output positions (across canvases); the rest is free (``denoise_canvas``).
     ``constraint`` keeps every row's output in an automaton's language: each canvas ends in
     a state that can still be completed within the tokens left, and its committed tokens
-    carry the state to the next canvas.
+    carry the state to the next canvas. ``image_features`` are the soft tokens of the
+    prompts' images (``vision.attach_images``).
     """
     if constraint is not None and fixed is not None:
         raise ValueError("fixed tokens and a constraint cannot be combined")
@@ -287,7 +296,7 @@ def generate_step(
     elif len(prompts) != 1:
         raise ValueError("a reused cache serves one prompt at a time")
     ids = mx.array([[pad_token_id] * (width - len(p)) + list(p) for p in prompts])
-    prefill(model, ids, cache)
+    prefill(model, ids, cache, image_features=image_features)
     yield Prefilled(ids.size)
     budgets = [max_tokens] * len(prompts)
     reasons: list[str | None] = [None] * len(prompts)
@@ -357,11 +366,13 @@ class GenerationResponse:
     stop_string: str | None = None  # with finish_reason "stop": the stop string that ended the reply, if one did
 
 
-def prepare_prompt(tokenizer, prompt: Prompt, **template_kwargs: Any) -> list[int]:
+def prepare_prompt(tokenizer, prompt: Prompt, images: list[Any] | None = None, **template_kwargs: Any) -> list[int]:
     """Token ids from text, ids, or chat messages (chat template with the generation prompt).
 
     ``template_kwargs`` (``tools``, ``enable_thinking``, ...) go to the chat template, so
-    they apply to chat messages only; ``None`` values are left out.
+    they apply to chat messages only; ``None`` values are left out. With ``images`` (a list),
+    the image parts of chat messages are moved into it (their sources, in order) and the
+    template renders an image placeholder for each (``vision.split_image_parts``).
     """
     template_kwargs = {k: v for k, v in template_kwargs.items() if v is not None}
     messages = not isinstance(prompt, str) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
@@ -373,6 +384,9 @@ def prepare_prompt(tokenizer, prompt: Prompt, **template_kwargs: Any) -> list[in
     if messages:
         if not getattr(tokenizer, "has_chat_template", True):
             raise ValueError("this model has no chat template: send the prompt as plain text (--raw on the command line)")
+        if images is not None:
+            prompt, found = split_image_parts(prompt)
+            images.extend(found)
         return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, **template_kwargs))
     if all(isinstance(t, (int, np.integer)) for t in prompt):
         return [int(t) for t in prompt]
@@ -504,7 +518,12 @@ def stream_batch_generate(
         constraint = automaton_for(tokenizer, json_schema=json_schema, regex=regex, vocab_size=model.args.vocab_size)
         check_length(constraint, max_tokens)
     template_kwargs = {**(chat_template_kwargs or {}), "enable_thinking": enable_thinking, "tools": tools}
-    ids = [prepare_prompt(tokenizer, p, **template_kwargs) for p in prompts]
+    images: list[list[Any]] = [[] for _ in prompts]
+    ids = [prepare_prompt(tokenizer, p, images=found, **template_kwargs) for p, found in zip(prompts, images)]
+    image_features = None
+    if any(images):
+        ids, image_features = attach_images(model, ids, images)
+        prompt_cache = None  # it is keyed on token ids, which do not tell images apart
     check_request(model, ids, max_tokens, resolved.canvas_length)
     if prompt_cache is not None and len(ids) != 1:
         raise ValueError("a prompt cache serves one prompt at a time")
@@ -539,7 +558,7 @@ def stream_batch_generate(
         model, [to_encode] if to_encode is not None else ids, max_tokens=max_tokens, settings=resolved,
         eos_token_ids=tokenizer.eos_token_ids, noise=noise, pad_token_id=model.args.pad_token_id or 0,
         cache=prompt_cache.cache if prompt_cache is not None else None,
-        fixed=[list(fixed)] * len(ids) if fixed else None, constraint=constraint,
+        fixed=[list(fixed)] * len(ids) if fixed else None, constraint=constraint, image_features=image_features,
     )
     with wired_limit(model):
         try:

@@ -69,6 +69,7 @@ class ModelArgs:
     use_bidirectional_attention: str | None = None
     tie_word_embeddings: bool = True
     canvas_length: int = 256
+    image_token_id: int | None = None
     max_position_embeddings: int = 131072
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
@@ -87,7 +88,7 @@ class ModelArgs:
         if not isinstance(text, dict):
             raise ConfigError("config.json has no 'text_config' section")
         params = {**text, "model_type": model_type}
-        for key in ("canvas_length", "tie_word_embeddings"):
+        for key in ("canvas_length", "tie_word_embeddings", "image_token_id"):
             if config.get(key) is not None:
                 params[key] = config[key]
         names = {p for p in inspect.signature(cls).parameters}
@@ -416,6 +417,7 @@ class Model(nn.Module):
         # Denoising settings named by the checkpoint's generation_config.json (set by the loader).
         self.generation_defaults: dict[str, Any] = {}
         self.group: mx.distributed.Group | None = None  # the ranks it is split across (``distributed.shard``)
+        self.vision = None  # ``vision.Vision`` when the checkpoint takes images (set by the loader)
 
     @property
     def layers(self) -> list[TransformerBlock]:
@@ -431,20 +433,40 @@ class Model(nn.Module):
         h = embed(ids)
         return h * mx.array(self.args.hidden_size**0.5, dtype=h.dtype)
 
-    def _run_layers(self, h, cache: DiffusionCache, causal: bool, store: bool, scalars: list[mx.array], last: int):
+    def _run_layers(self, h, cache: DiffusionCache, causal: bool, store: bool, scalars: list[mx.array], last: int,
+                    blocks: mx.array | None = None):
         positions, masks = cache.batch_positions, {}
         for layer, layer_cache, scalar in zip(self.layers[:last], cache.layers, scalars):
             key = (layer_cache.length, layer_cache.window)
             if key not in masks:
                 masks[key] = cache.attention_mask(layer_cache, h.shape[1], causal)
+                if blocks is not None:  # new keys of the query's own block, past the cached ones
+                    masks[key] = masks[key] | mx.pad(blocks, [(0, 0), (0, 0), (0, 0), (layer_cache.length, 0)])
             h = layer(h, positions, masks[key], layer_cache, store, scalar)
         return h
 
-    def encode(self, input_ids: mx.array, cache: DiffusionCache) -> None:
-        """Causal pass over ``input_ids`` ``[B, L]`` that appends their keys/values to ``cache``."""
+    def encode(self, input_ids: mx.array, cache: DiffusionCache, image_features: mx.array | None = None) -> None:
+        """Causal pass over ``input_ids`` ``[B, L]`` that appends their keys/values to ``cache``.
+
+        ``image_features`` ``[N, hidden]`` replace the embeddings of the ``N`` image tokens in
+        ``input_ids`` (in row-major order), as the reference's ``masked_scatter`` does; with
+        ``use_bidirectional_attention="vision"`` each run of image tokens also attends within
+        itself both ways. An image's tokens must all be in one call.
+        """
         h = self._embed(input_ids)
+        blocks = None
+        if image_features is not None:
+            is_image = input_ids == self.args.image_token_id
+            if int(is_image.sum()) != image_features.shape[0]:
+                raise ValueError(f"{int(is_image.sum())} image tokens for {image_features.shape[0]} image features")
+            index = mx.maximum(mx.cumsum(is_image.flatten().astype(mx.int32)) - 1, 0)
+            h = mx.where(is_image[..., None], image_features.astype(h.dtype)[index].reshape(h.shape), h)
+            if self.args.use_bidirectional_attention == "vision":
+                starts = is_image & ~mx.pad(is_image[:, :-1], [(0, 0), (1, 0)])
+                run = mx.where(is_image, mx.cumsum(starts.astype(mx.int32), axis=1), 0)
+                blocks = ((run[:, :, None] == run[:, None, :]) & (run[:, :, None] > 0))[:, None]
         scalars = [layer.layer_scalar for layer in self.model.encoder.language_model.layers]
-        h = self._run_layers(h, cache, causal=True, store=True, scalars=scalars, last=len(self.layers) - 1)
+        h = self._run_layers(h, cache, causal=True, store=True, scalars=scalars, last=len(self.layers) - 1, blocks=blocks)
         # The last layer only has to leave its keys/values: its output feeds no logits.
         last = self.layers[-1]
         keys, values = last.self_attn.keys_values(last.input_layernorm(h), cache.batch_positions)

@@ -19,6 +19,7 @@ from .adapters import ADAPTER_CONFIG, ADAPTER_FILE, apply_lora, fuse_lora
 from .distributed import shard
 from .model import ConfigError, Model, ModelArgs
 from .sampler import DiffusionSettings
+from .vision import Vision
 
 # What a text-only load needs from a hub snapshot.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
@@ -201,6 +202,8 @@ def load_model(model_path: Path, dtype: mx.Dtype | None = None, group: mx.distri
         for _, value in tree_flatten(model.parameters()):
             mx.eval(value)
     model.generation_defaults = DiffusionSettings.from_generation_config(load_generation_config(model_path))
+    if config.get("vision_config") and (group is None or group.size() == 1):
+        model.vision = Vision(model_path, config, model.args.hidden_size, dtype)
     if dtype is not None:
         model.set_dtype(dtype)
     # Evaluate the private arrays too (RoPE frequencies): a lazy array is bound to the thread
