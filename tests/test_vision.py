@@ -199,3 +199,15 @@ def test_a_checkpoint_without_tower_weights_refuses_images(checkpoint, tmp_path)
     model, tokenizer = load(tmp_path)
     with pytest.raises(ImageError, match="has no vision tower weights"):
         generate(model, tokenizer, ask(IMAGES[0]), max_tokens=4)
+
+
+def test_readme_images_example_runs(checkpoint, tmp_path, capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"## Images\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    IMAGES[0].save(tmp_path / "photo.jpg")
+    code = code.replace("google/diffusiongemma-26B-A4B-it", str(checkpoint)).replace("photo.jpg", str(tmp_path / "photo.jpg"))
+    exec(code.replace("max_tokens=128", "max_tokens=8"), {})
+    assert capsys.readouterr().out.strip()
