@@ -18,6 +18,7 @@ import numpy as np
 from mlx_lm.generate import wired_limit
 
 from .cache import DiffusionCache
+from .compiled import compiled_step
 from .constrained import Automaton, Guide, automaton_for, check_length
 from .model import Model
 from .prompt_cache import PromptCache
@@ -143,6 +144,8 @@ def denoise_canvas(
     # the model would take of them is exactly the sampler's (float32, full softmax), the
     # sampler's probabilities, so that the vocabulary is not exponentiated again.
     reuse_probs = settings.self_conditioning_top_k == 0 and model.compute_dtype == mx.float32
+    # The same step as one compiled graph, where nothing in it reads the host (compiled.py).
+    fast = compiled_step(model, cache, settings, batch_size) if fixed is None and guides is None else None
     argmax, sc, history = canvas, None, []
     done = mx.zeros((batch_size,), dtype=mx.bool_)
     passes = np.zeros(batch_size, dtype=np.int64)
@@ -152,11 +155,16 @@ def denoise_canvas(
         # Rows that already stopped keep their argmax, canvas and self-conditioning input;
         # when none has, the previous input is released as soon as the forward has read it.
         held = sc if stopped.any() else None
-        logits = model.denoise(canvas, cache, None if reuse_probs else sc, settings.self_conditioning_top_k,
-                               sc if reuse_probs else None)
-        scaled = logits / temperature(remaining, settings)
-        sc = logits = None
-        new_argmax = clamp(scaled.argmax(axis=-1).astype(canvas.dtype))
+        if fast is not None:
+            uniform, noise_tokens = noise.step(index, step, shape) if remaining > 1 else (None, None)
+            new_canvas, new_argmax, sc, token_entropy = fast(canvas, sc, temperature(remaining, settings), uniform,
+                                                             noise_tokens)
+        else:
+            logits = model.denoise(canvas, cache, None if reuse_probs else sc, settings.self_conditioning_top_k,
+                                   sc if reuse_probs else None)
+            scaled = logits / temperature(remaining, settings)
+            sc = logits = None
+            new_argmax = clamp(scaled.argmax(axis=-1).astype(canvas.dtype))
         if remaining == 1:  # the last step: only its argmax is committed, nothing else is used
             if guides is not None:
                 new_argmax = _guided_argmax(guides, scaled, new_argmax)
@@ -164,22 +172,23 @@ def denoise_canvas(
             mx.eval(argmax)
             yield Draft(step=step + 1, tokens=argmax)
             break
-        uniform, noise_tokens = noise.step(index, step, shape)
-        probs, token_entropy = distribution(scaled)
-        samples = sample(probs, uniform)
-        if guides is not None:
-            samples, new_argmax, token_entropy = _guided_step(guides, scaled, probs, uniform, noise_tokens,
-                                                              samples, new_argmax, token_entropy)
+        if fast is None:
+            uniform, noise_tokens = noise.step(index, step, shape)
+            probs, token_entropy = distribution(scaled)
+            samples = sample(probs, uniform)
+            if guides is not None:
+                samples, new_argmax, token_entropy = _guided_step(guides, scaled, probs, uniform, noise_tokens,
+                                                                  samples, new_argmax, token_entropy)
+            if free is not None:  # fixed positions are certain: they take nothing from the entropy budget
+                token_entropy = mx.where(free, token_entropy, 0.0)
+            new_canvas = clamp(renoise(samples, accept(token_entropy, settings.entropy_bound), noise_tokens))
+            sc = probs if reuse_probs else scaled
+            if one_hot is not None:
+                point = one_hot.astype(sc.dtype) if reuse_probs else mx.where(one_hot, 0.0, -mx.inf).astype(sc.dtype)
+                sc = mx.where(free[..., None], sc, point)
+            del probs, scaled
         if held is not None:
             new_argmax = mx.where(done[:, None], argmax, new_argmax)
-        if free is not None:  # fixed positions are certain: they take nothing from the entropy budget
-            token_entropy = mx.where(free, token_entropy, 0.0)
-        new_canvas = clamp(renoise(samples, accept(token_entropy, settings.entropy_bound), noise_tokens))
-        sc = probs if reuse_probs else scaled
-        if one_hot is not None:
-            point = one_hot.astype(sc.dtype) if reuse_probs else mx.where(one_hot, 0.0, -mx.inf).astype(sc.dtype)
-            sc = mx.where(free[..., None], sc, point)
-        if held is not None:
             new_canvas = mx.where(done[:, None], canvas, new_canvas)
             sc = mx.where(done[:, None, None], held, sc)
         if free is None:
@@ -190,7 +199,7 @@ def denoise_canvas(
         done = done | (is_stable(history, new_argmax, settings.stability_threshold) & confident)
         history = (history + [new_argmax])[-settings.stability_threshold :] if settings.stability_threshold else []
         canvas, argmax = new_canvas, new_argmax
-        del held, probs, scaled
+        del held
         mx.eval(canvas, argmax, sc, done)
         yield Draft(step=step + 1, tokens=argmax)
         if done.all().item():

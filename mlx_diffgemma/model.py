@@ -37,6 +37,11 @@ IGNORED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision."
 
 logger = logging.getLogger(__name__)
 
+# Which routed-expert implementation runs: "auto" picks by device ("grouped" on the CPU,
+# "gathered" elsewhere); "grouped" or "gathered" forces one, e.g. to run the GPU path (no
+# host reads, so it can be compiled) on a CPU in tests. See ``Experts``.
+EXPERT_PATH = "auto"
+
 
 class ConfigError(ValueError):
     """The checkpoint's config.json cannot describe a DiffusionGemma text model."""
@@ -211,6 +216,14 @@ def grouped_linear(layer: nn.Module, x: mx.array, counts: list[int]) -> mx.array
     return mx.concatenate(out)
 
 
+def gathered_experts() -> bool:
+    """Whether the experts run gathered (``gather_mm``/``gather_qmm``, no host reads) rather
+    than grouped (a BLAS matmul per expert, with the counts read on the host): ``EXPERT_PATH``."""
+    if EXPERT_PATH not in ("auto", "grouped", "gathered"):
+        raise ValueError(f"EXPERT_PATH must be 'auto', 'grouped' or 'gathered', got {EXPERT_PATH!r}")
+    return EXPERT_PATH == "gathered" or (EXPERT_PATH == "auto" and mx.default_device() != mx.cpu)
+
+
 class Experts(nn.Module):
     """The routed experts, gate and up projections fused as in the checkpoint.
 
@@ -229,10 +242,7 @@ class Experts(nn.Module):
         shape, k = indices.shape, indices.shape[-1]
         x = x.reshape(-1, x.shape[-1])
         flat = indices.reshape(-1)
-        if mx.default_device() == mx.cpu:
-            y = self._grouped(x, flat, k)
-        else:
-            y = self._gathered(x, flat, k)
+        y = self._gathered(x, flat, k) if gathered_experts() else self._grouped(x, flat, k)
         y = y.reshape(*shape, -1)
         return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
 
