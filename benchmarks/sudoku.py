@@ -33,10 +33,12 @@ def held_out(count: int, givens: int, n: int, seed: int = HELD_OUT_SEED) -> list
     return [sudoku.generate_puzzle(givens, rng, n)[0] for _ in range(count)]
 
 
-def evaluate(model, puzzles: list[list[int]], batch: int = 100, seed: int = 0, clamp: bool = False, **settings) -> dict:
+def evaluate(model, puzzles: list[list[int]], batch: int = 100, seed: int = 0, clamp: bool = False, rules: bool = False,
+             **settings) -> dict:
     attempts, tic = [], time.perf_counter()
     for start in range(0, len(puzzles), batch):
-        attempts += sudoku.solve(model, puzzles[start : start + batch], seed=seed + start, clamp=clamp, **settings)
+        attempts += sudoku.solve(model, puzzles[start : start + batch], seed=seed + start, clamp=clamp, rules=rules,
+                                 **settings)
     elapsed = time.perf_counter() - tic
     cells = [sum(g == s for g, s in zip(a.grid, sudoku.count_solutions(a.puzzle)[1])) / len(a.grid) for a in attempts]
     return {
@@ -61,6 +63,8 @@ def main() -> None:
     parser.add_argument("--levels", default="easy,medium,hard")
     parser.add_argument("--seed", type=int, default=0, help="eval: sampler seed (puzzle i draws from seed + i)")
     parser.add_argument("--clamp", action="store_true", help="eval: fix the givens in the canvas")
+    parser.add_argument("--rules", action="store_true",
+                        help="eval: constrain the canvas to grids that keep the givens and repeat no digit in a row or box")
     parser.add_argument("--fixed-sc", choices=["one_hot", "model"], default="one_hot",
                         help="eval, with --clamp: what self-conditioning sees at a given")
     parser.add_argument("--json", type=Path, help="eval: also write the results here")
@@ -88,10 +92,11 @@ def main() -> None:
         results = {}
         for level in args.levels.split(","):
             puzzles = held_out(args.count, sudoku.DIFFICULTIES[n][level], n)
-            results[level] = evaluate(model, puzzles, seed=args.seed, clamp=args.clamp, fixed_self_conditioning=args.fixed_sc)
+            results[level] = evaluate(model, puzzles, seed=args.seed, clamp=args.clamp, rules=args.rules,
+                                      fixed_self_conditioning=args.fixed_sc)
             print(level, json.dumps(results[level]), flush=True)
         report = {"model": str(args.model or sudoku.MODEL_DIR), "size": n, "puzzles_per_level": args.count, "seed": args.seed,
-                  "clamp": args.clamp, "fixed_self_conditioning": args.fixed_sc,
+                  "clamp": args.clamp, "rules": args.rules, "fixed_self_conditioning": args.fixed_sc,
                   "blas": os.environ.get("LD_PRELOAD", "default"), "results": results}
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))

@@ -284,11 +284,19 @@ class Automaton:
         table = np.full((done + 1, int(token_class.max()) + 1), -1, dtype=np.int32)
         for i, tokens, targets in rows:
             table[i, token_class[tokens]] = targets
+        finals = [ids[s] for s in index.get_final_states()]
+        return cls.from_table(table, token_class, ids[index.get_initial_state()], finals)
+
+    @classmethod
+    def from_table(cls, table: np.ndarray, token_class: np.ndarray, start: int, finals: list[int]) -> "Automaton":
+        """An automaton from a transition table over token classes (``[S + 1, K]``, ``-1`` where
+        refused) whose last row is the state after EOS (made absorbing here), for languages
+        written directly rather than as a regex (``sudoku.rule_automaton``)."""
+        done = table.shape[0] - 1
         table[done, :] = done
         order = np.argsort(token_class, kind="stable")
         starts = np.searchsorted(token_class[order], np.arange(table.shape[1]))
-        finals = [ids[s] for s in index.get_final_states()] + [done]
-        return cls(ids[index.get_initial_state()], done, table, token_class, order, starts, _distances(table, finals))
+        return cls(start, done, table, token_class, order, starts, _distances(table, list(finals) + [done]))
 
     def advance(self, state: int, tokens: list[int]) -> int:
         """The state after ``tokens``; a ValueError if the automaton refuses one."""

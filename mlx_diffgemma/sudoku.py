@@ -311,24 +311,73 @@ class Attempt:
     solved: bool
 
 
-def solve_stream(model, puzzles: list[list[int]], seed: int = 0, clamp: bool = False,
+def rule_automaton(puzzle: list[int], vocab_size: int):
+    """The grids that keep the givens and have every digit once in each row and each box, as
+    an automaton over the cells in reading order (state: the cell, and the digits used so far
+    in its row and in the boxes of its band). Columns are left to the model: tracking them
+    too would multiply the states by the digits used in every column."""
+    from .constrained import Automaton
+
+    n = size_of(puzzle)
+    br, bc = BOXES[n]
+    ids: dict[tuple, int] = {}
+    edges: list[tuple[int, int, int]] = []  # (state, digit, next state)
+    frontier = [(0, 0, (0,) * (n // bc))]
+    ids[frontier[0]] = 0
+    while frontier:
+        ahead = []
+        for state in frontier:
+            cell, row, boxes = state
+            if cell == n * n:
+                continue
+            r, c = divmod(cell, n)
+            digits = [puzzle[cell]] if puzzle[cell] else range(1, n + 1)
+            for d in digits:
+                bit = 1 << d
+                if row & bit or boxes[c // bc] & bit:
+                    continue
+                new_row = 0 if c == n - 1 else row | bit
+                new_boxes = tuple(b | bit if i == c // bc else b for i, b in enumerate(boxes))
+                if c == n - 1 and (r + 1) % br == 0:  # a band ends: its boxes are complete
+                    new_boxes = (0,) * len(boxes)
+                target = (cell + 1, new_row, new_boxes)
+                if target not in ids:
+                    ids[target] = len(ids)
+                    ahead.append(target)
+                edges.append((ids[state], d, ids[target]))
+        frontier = ahead
+    token_class = np.full(vocab_size, n, dtype=np.int32)  # digit d is class d - 1; every other token class n
+    token_class[DIGIT0 + 1 : DIGIT0 + n + 1] = np.arange(n)
+    table = np.full((len(ids) + 1, n + 1), -1, dtype=np.int32)  # the last row: after EOS
+    for state, d, target in edges:
+        table[state, d - 1] = target
+    finals = [i for (cell, _, _), i in ids.items() if cell == n * n]
+    return Automaton.from_table(table, token_class, 0, finals)
+
+
+def solve_stream(model, puzzles: list[list[int]], seed: int = 0, clamp: bool = False, rules: bool = False,
                  **settings: Any) -> Iterator[tuple[int, list[list[int]]] | list[Attempt]]:
     """Denoise a batch of puzzles with the standard sampler (the model's defaults unless
     ``settings`` override them): yields ``(step, grids)`` drafts, then the attempts.
 
     With ``clamp``, the givens are fixed in the canvas (they are known cells of the
-    answer) and only the empty cells are denoised."""
+    answer) and only the empty cells are denoised. With ``rules``, the canvas is
+    constrained to grids that keep the givens and repeat no digit in a row or a box
+    (``rule_automaton``, through the constrained sampler of ``constrained.py``)."""
     from .generate import Canvas, Draft, SeededNoise, generate_step, resolve_settings
 
     n = grid_size(model)
     if any(len(p) != n * n for p in puzzles):
         raise ValueError(f"this model solves {n}x{n} puzzles ({n * n} cells)")
+    if clamp and rules:
+        raise ValueError("rules keep the givens already: use clamp or rules, not both")
     resolved = resolve_settings(model, **settings)
     # No EOS rule: the canvas is the cells then EOS, and a stray EOS must not cut a grid short.
     events = generate_step(
         model, [prompt_ids(p) for p in puzzles], max_tokens=n * n, settings=resolved, eos_token_ids=[],
         noise=SeededNoise(model.args.vocab_size, seed), pad_token_id=PAD,
         fixed=[[DIGIT0 + d if d else None for d in p] for p in puzzles] if clamp else None,
+        constraint=[rule_automaton(p, model.args.vocab_size) for p in puzzles] if rules else None,
     )
     for event in events:
         if isinstance(event, Draft):
@@ -339,8 +388,9 @@ def solve_stream(model, puzzles: list[list[int]], seed: int = 0, clamp: bool = F
             return
 
 
-def solve(model, puzzles: list[list[int]], seed: int = 0, clamp: bool = False, **settings: Any) -> list[Attempt]:
-    for event in solve_stream(model, puzzles, seed, clamp, **settings):
+def solve(model, puzzles: list[list[int]], seed: int = 0, clamp: bool = False, rules: bool = False,
+          **settings: Any) -> list[Attempt]:
+    for event in solve_stream(model, puzzles, seed, clamp, rules, **settings):
         if isinstance(event, list):
             return event
     raise RuntimeError("generation ended without a canvas")

@@ -99,3 +99,29 @@ def test_demo_rejects_a_bad_puzzle_in_one_line():
     assert "81 cells" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["demo", "sudoku", "--difficulty", "impossible"])
     assert result.exit_code == 1 and "unknown difficulty" in result.output
+
+
+def test_the_rule_automaton_accepts_the_solution_and_refuses_a_repeat_in_a_row_or_box():
+    puzzle, solution = sudoku.generate_puzzle(11, random.Random(5), 6)
+    automaton = sudoku.rule_automaton(puzzle, len(sudoku.VOCAB))
+    state = automaton.advance(automaton.start, sudoku.completion_ids(solution))
+    assert automaton.distance[state] == 0  # accepting
+    with pytest.raises(ValueError):  # digits relabelled: rows and boxes still fine, but the givens changed
+        automaton.advance(automaton.start, sudoku.completion_ids([d % 6 + 1 for d in solution]))
+    free = [i for i in range(6) if not puzzle[i]]  # empty cells of the first row
+    repeated = list(solution)
+    repeated[free[0]] = repeated[free[1]]  # a digit twice in the first row
+    with pytest.raises(ValueError):
+        automaton.advance(automaton.start, sudoku.completion_ids(repeated))
+
+
+def test_rule_constrained_attempts_keep_givens_and_repeat_no_digit_in_rows_or_boxes():
+    model = sudoku.load_model()
+    rng = random.Random(11)
+    puzzles = [sudoku.generate_puzzle(11, rng, 6)[0] for _ in range(4)]
+    for attempt in sudoku.solve(model, puzzles, seed=0, rules=True, steps=4):
+        grid, puzzle = attempt.grid, attempt.puzzle
+        assert all(g == p for g, p in zip(grid, puzzle) if p)
+        rows = [grid[r * 6 : r * 6 + 6] for r in range(6)]
+        boxes = [[grid[(br + i) * 6 + bc + j] for i in range(2) for j in range(3)] for br in (0, 2, 4) for bc in (0, 3)]
+        assert all(sorted(unit) == [1, 2, 3, 4, 5, 6] for unit in rows + boxes)
