@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 import time
+from bisect import bisect_right
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from os.path import commonprefix
 from typing import Any, Protocol
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import wired_limit
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer, StreamingDetokenizer
 
 from .cache import DiffusionCache
 from .compiled import compiled_step
@@ -433,12 +436,30 @@ def resolve_settings(model: Model, settings: DiffusionSettings | None = None, **
     return DiffusionSettings(**{"canvas_length": model.args.canvas_length, **model.generation_defaults, **explicit})
 
 
+def _exact_detokenizer(tokenizer) -> StreamingDetokenizer | None:
+    """mlx-lm's streaming detokenizer where its text is meant to be the tokenizer's decode:
+    the byte-level ones (SentencePiece, BPE) of a tokenizer that cleans up no spaces."""
+    detokenizer = getattr(tokenizer, "detokenizer", None)
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    return detokenizer if isinstance(detokenizer, (SPMStreamingDetokenizer, BPEStreamingDetokenizer)) else None
+
+
 class ReplyText:
     """One row's committed tokens and the text released from them.
 
     What is released always decodes from exactly the tokens released: text is held back
     while it may be an incomplete character or the start of a stop string, and a reply cut
     at a stop string keeps only the tokens before it, so ids, counts and text agree.
+
+    The text streams from mlx-lm's detokenizer, token by token. Each release is checked with
+    the tokenizer's decode of the unreleased tokens only, so the reply is not decoded again at
+    every canvas: the tokens released must decode to the text released, alone and followed
+    by the tokens held back (Hugging Face's byte fallback turns a whole run of byte tokens to
+    U+FFFD when the run ends in an incomplete character, so such a run is held back whole).
+    Where streaming cannot be trusted (a tokenizer without a byte-level detokenizer, an id
+    outside the tokenizer, a release the tokenizer decodes otherwise), the whole reply is
+    decoded at every canvas from then on.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str]):
@@ -447,24 +468,65 @@ class ReplyText:
         self.tokens: list[int] = []
         self.released, self.text = 0, ""  # tokens released, and their text
         self.stopped_by: str | None = None  # the stop string that ended the reply
+        self.detokenizer = _exact_detokenizer(tokenizer)  # None: decode the whole reply instead
+        # Token counts where the streamed text is their whole text, and the length of that text.
+        self.counts, self.lengths = [0], [0]
 
     def add(self, new_tokens: list[int], finished: bool) -> tuple[str, list[int], bool]:
         """Commit ``new_tokens``; return the text and tokens now released and whether a stop string ended the reply."""
         self.tokens += new_tokens
-        full = self.tokenizer.decode(self.tokens)
-        found = [(i, s) for s in self.stop if (i := full.find(s)) >= 0]
-        cut, self.stopped_by = min(found) if found else (-1, None)
+        release = self._streamed(new_tokens, finished) if self.detokenizer is not None else None
+        if release is None:
+            self.detokenizer = None
+            release = self._decoded(finished)
+        end, text, cut = release
         if cut >= 0:
-            self.tokens = self.tokens[: self._last_fitting(full, cut)]
-            end = len(self.tokens)
-        elif finished:
-            end = len(self.tokens)
-        else:
-            end = self._last_fitting(full, len(full.rstrip("\ufffd")) - self.hold)
-        text = self.tokenizer.decode(self.tokens[:end])
+            self.tokens = self.tokens[:end]
         delta_text, delta_tokens = text[len(self.text):], self.tokens[self.released:end]
         self.released, self.text = end, text
         return delta_text, delta_tokens, cut >= 0
+
+    def _stop(self, full: str, finished: bool) -> tuple[int, int | None]:
+        """Where a stop string begins in ``full`` (-1: nowhere), and the longest text that may
+        be released (``None``: all of it). No stop string begins in released text: it was held back."""
+        found = [(i, s) for s in self.stop if (i := full.find(s, len(self.text))) >= 0]
+        cut, self.stopped_by = min(found) if found else (-1, None)
+        return cut, cut if cut >= 0 else None if finished else len(full.rstrip("\ufffd")) - self.hold
+
+    def _streamed(self, new_tokens: list[int], finished: bool) -> tuple[int, str, int] | None:
+        """The release from the streamed text: tokens, their text, the stop string's place; ``None``
+        where streaming cannot be trusted."""
+        detokenizer, vocab = self.detokenizer, len(self.tokenizer)
+        for token in new_tokens:
+            if not 0 <= token < vocab:
+                return None
+            detokenizer.add_token(token)
+            if len(detokenizer.text) > self.lengths[-1]:  # it grows only when no byte is pending
+                self.counts.append(len(detokenizer.tokens))
+                self.lengths.append(len(detokenizer.text))
+        if finished:
+            detokenizer.finalize()
+            self.counts.append(len(detokenizer.tokens))
+            self.lengths.append(len(detokenizer.text))
+        full = detokenizer.text
+        cut, limit = self._stop(full, finished)
+        i = len(self.counts) - 1 if limit is None else bisect_right(self.lengths, max(limit, len(self.text))) - 1
+        unreleased = None if limit is None else self.tokenizer.decode(self.tokens[self.released:])
+        while True:
+            end, delta = self.counts[i], full[len(self.text) : self.lengths[i]]
+            if self.tokenizer.decode(self.tokens[self.released : end]) != delta:
+                return None
+            if unreleased is None or unreleased.startswith(delta):
+                return end, full[: self.lengths[i]], cut
+            # The tokens after these still turn some of their text to U+FFFD: hold that back.
+            i = bisect_right(self.lengths, len(self.text) + len(commonprefix([unreleased, delta]))) - 1
+
+    def _decoded(self, finished: bool) -> tuple[int, str, int]:
+        """The release from the whole reply decoded."""
+        full = self.tokenizer.decode(self.tokens)
+        cut, limit = self._stop(full, finished)
+        end = len(self.tokens) if limit is None else self._last_fitting(full, limit)
+        return end, self.tokenizer.decode(self.tokens[:end]), cut
 
     def _last_fitting(self, full: str, limit: int) -> int:
         """The most tokens whose text is a complete prefix of ``full`` no longer than ``limit``."""
