@@ -7,7 +7,7 @@ the vocabulary-sized logits instead of each reading them from memory again.
 
 A compiled function is traced again for every new input shape, so shapes are kept fixed:
 each layer's cached keys and values are passed padded to a bucket of the prefix length
-(``prefix_bucket``) with the padding masked out, and the positions, temperature and entropy
+(``prefix_bucket``, at most what a sliding layer holds) with the padding masked out, and the positions, temperature and entropy
 bound are array inputs. One trace then serves every step of a canvas, the next canvases and
 other requests while their prefix stays in the bucket (a step with self-conditioning and the
 first step, without it, are two traces). ``traces`` counts them.
@@ -127,6 +127,8 @@ class CompiledStep:
         self.layers, masks = [], {}
         for layer in cache.layers:
             bucket = prefix_bucket(layer.length)
+            if layer.window is not None:  # a sliding layer never holds more than window - 1 positions
+                bucket = min(bucket, layer.window - 1)
             if (layer.length, bucket) not in masks:
                 masks[layer.length, bucket] = _prefix_mask(cache, layer.length, bucket, settings.canvas_length)
             self.layers.append((*_pad(layer, bucket), masks[layer.length, bucket]))
