@@ -198,6 +198,9 @@ def generate(
     raw: bool = typer.Option(
         False, "--raw", help="Send the prompt as is, without the chat template (needed for a model without one)."),
     stats: bool = typer.Option(False, "--stats", help="Print speed and denoising statistics to standard error."),
+    quiet: bool = typer.Option(
+        False, "--quiet",
+        help="Show no progress (canvas, step and live draft) on standard error; it is shown only on a terminal."),
     short_final_canvas: bool = typer.Option(
         False, "--short-final-canvas",
         help="Denoise the last canvas only as long as the tokens still wanted (faster; that canvas differs from the reference)."),
@@ -218,15 +221,17 @@ def generate(
 
     The answer goes to standard output; the reasoning, when the model thinks, to standard error
     (dimmed on a terminal). Tool calls follow the answer on standard output, one JSON object per
-    line: {"name": ..., "arguments": {...}}. Under mlx.launch every rank holds a slice of the
-    model and rank 0 prints.
+    line: {"name": ..., "arguments": {...}}. While a canvas denoises, a terminal on standard error
+    shows its progress on one line, erased before anything else is printed; a pipe or file gets
+    none. Under mlx.launch every rank holds a slice of the model and rank 0 prints.
     """
     import json
 
     import mlx.core as mx
 
     from mlx_diffgemma import stream_generate
-    from mlx_diffgemma.generate import prepare_prompt
+    from mlx_diffgemma.generate import prepare_prompt, resolve_settings
+    from mlx_diffgemma.progress import Progress
     from mlx_diffgemma.repl import fit_context
 
     if prompt is None or prompt == "-":
@@ -250,6 +255,7 @@ def generate(
     # Only rank 0 writes the reply; reasoning goes to stderr, dimmed on a terminal (click drops the style elsewhere).
     echo = print if rank0 else (lambda *args, **kwargs: None)
     show_reasoning = rank0 and not hide_reasoning
+    progress = None
     messages = [{"role": "system", "content": system}] if system else []
     last, thinking, answered, calls = None, False, False, []
     try:
@@ -258,12 +264,19 @@ def generate(
         if prompt_cache.prefix and ids[: len(prompt_cache.prefix[0])] != prompt_cache.prefix[0]:
             typer.echo(f"warning: the prompt does not start with {prompt_cache_file}'s prefix; it is encoded in full",
                        err=True)
+        if rank0 and not quiet and sys.stderr.isatty():
+            progress = Progress(sys.stderr, resolve_settings(model_obj, steps=steps).steps)
         for last in fit_context(stream_generate, DEFAULT_MAX_TOKENS)(
             model_obj, tokenizer, ids, max_tokens, steps=steps, entropy_bound=entropy_bound,
             t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed, short_final_canvas=short_final_canvas,
             self_conditioning_top_k=sc_top_k, prompt_cache=prompt_cache if prompt_cache_file else None,
-            json_schema=schema, regex=regex,
+            json_schema=schema, regex=regex, draft=progress is not None,
         ):
+            if last.draft is not None:
+                progress.show(last.step, last.draft)
+                continue
+            if progress:
+                progress.clear()
             if last.reasoning and show_reasoning:
                 typer.secho(last.reasoning, dim=True, err=True, nl=False)
                 thinking = True
@@ -274,8 +287,12 @@ def generate(
             answered = answered or bool(last.text)
             calls += last.tool_calls
     except ValueError as e:
+        if progress:
+            progress.clear()
         fail(str(e))
     except KeyboardInterrupt:
+        if progress:
+            progress.clear()
         echo()
         raise typer.Exit(130)
     if thinking:
