@@ -2,8 +2,10 @@
 
 The output is the layout MLX conversions on the hub use: ``model-0000k-of-0000n.safetensors``
 with an index, ``config.json`` with a ``quantization`` block (defaults plus per-module
-overrides), tokenizer files, the generation config and a model card. It is written to a
-hidden folder beside the target and moved into place only when complete.
+overrides), tokenizer and processor files, the generation config and a model card. The vision
+tower is kept as mlx-vlm's conversions keep it: same names, cast but never quantized, so
+mlx-vlm loads the folder too. It is written to a hidden folder beside the target and moved
+into place only when complete.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_diffgemma.model import Model, ModelArgs
+from mlx_diffgemma.model import VISION_PREFIXES, Model, ModelArgs
 from mlx_diffgemma.utils import (
     INDEX_FILE,
     TOKENIZER_FILES,
@@ -38,6 +40,8 @@ from .recipes import Params, Predicate, RecipeError, make_predicate
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 DEFAULT_SHARD_BYTES = 5 * 2**30
+# Image preprocessing settings, read by vision.py (and mlx-vlm) beside the weights.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 class ShardWriter:
@@ -90,18 +94,31 @@ def read_tensor(file: Path, value: mx.array) -> None:
         raise CheckpointError(f"cannot read {file}: {reason}; the file may be incomplete: download it again") from None
 
 
+def source_tensors(model: Model, file: Path, keep_tower: bool) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
+    """One shard's tensors, lazily: the text model's (sanitized) and, if kept, the vision tower's."""
+    weights = load_safetensors(file)
+    tower = {k: v for k, v in weights.items() if k.startswith(VISION_PREFIXES)} if keep_tower else {}
+    return model.sanitize(weights), tower
+
+
 def convert_tensors(
-    files: list[Path], model: Model, dtype: mx.Dtype, predicate: Predicate | None, writer: ShardWriter
+    files: list[Path], model: Model, dtype: mx.Dtype, predicate: Predicate | None, writer: ShardWriter,
+    keep_tower: bool,
 ) -> Iterator[tuple[int, dict[str, Params | None]]]:
     """Cast (and quantize) each tensor in turn; yields source bytes done and the per-module
     quantization chosen so far (``None`` for a module left as is). Only one input shard is open
-    at a time."""
+    at a time. The vision tower's tensors are cast and never quantized (mlx-vlm's conversions
+    leave every multimodal module unquantized)."""
     modules = quantizable_modules(model)
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     seen: set[str] = set()
     chosen: dict[str, Params | None] = {}
     for file in files:
-        tensors = model.sanitize(load_safetensors(file))
+        tensors, tower = source_tensors(model, file, keep_tower)
+        for name, value in tower.items():
+            read_tensor(file, value)
+            writer.add(name, value.astype(dtype) if mx.issubdtype(value.dtype, mx.floating) else value)
+            yield value.nbytes, chosen
         for name, value in tensors.items():
             if name not in expected:
                 raise CheckpointError(f"{file.name}: unexpected tensor {name}")
@@ -121,7 +138,7 @@ def convert_tensors(
                 for suffix, array in zip(("weight", "scales", "biases"), q):
                     writer.add(f"{path}.{suffix}", array)
             yield value.nbytes, chosen
-        del tensors
+        del tensors, tower
     missing = sorted(set(expected) - seen)
     if missing:
         raise CheckpointError(f"{len(missing)} tensor(s) missing from the checkpoint: {', '.join(missing[:5])}")
@@ -156,8 +173,10 @@ def precision_lines(dtype: str, quantization: dict[str, Any] | None, recipe: str
 
 
 def model_card(source: str, dtype: str, quantization: dict[str, Any] | None, recipe: str | None,
-               skipped: list[str], size: int) -> str:
+               skipped: list[str], size: int, tower: bool) -> str:
     precision = "\n".join(f"- {line}" for line in precision_lines(dtype, quantization, recipe, skipped))
+    vision = (f"Vision tower included, in {dtype} (not quantized, as in mlx-vlm's conversions): images work here and in mlx-vlm."
+              if tower else "Text only: the source checkpoint has no vision tower.")
     return f"""---
 library_name: mlx
 license: apache-2.0
@@ -171,7 +190,7 @@ Converted with `mlx-diffgemma convert` from `{source}`.
 
 {precision}
 - {size / 2**30:.2f} GiB on disk.
-- Text only: the vision tower of the original checkpoint is not included.
+- {vision}
 
 ```bash
 mlx-diffgemma chat --model <this folder or repo>
@@ -217,9 +236,11 @@ def checkpoint_dtype(source: Path, config: dict[str, Any], tensors: list[mx.arra
     return names[most]
 
 
-def output_config(config: dict[str, Any], dtype: str, quantization: dict[str, Any] | None) -> dict[str, Any]:
-    """The source config without the vision tower or stale dtype and quantization fields."""
-    out = {k: v for k, v in config.items() if k not in ("vision_config", "quantization", "quantization_config", "torch_dtype")}
+def output_config(config: dict[str, Any], dtype: str, quantization: dict[str, Any] | None, tower: bool) -> dict[str, Any]:
+    """The source config without stale dtype and quantization fields; ``vision_config`` only if
+    the tower was written (mlx-vlm builds a tower for it and wants its weights)."""
+    dropped = ("quantization", "quantization_config", "torch_dtype", *(() if tower else ("vision_config",)))
+    out = {k: v for k, v in config.items() if k not in dropped}
     if isinstance(out.get("text_config"), dict):
         out["text_config"] = {k: v for k, v in out["text_config"].items() if k not in ("dtype", "torch_dtype")}
     out["dtype"] = dtype
@@ -268,11 +289,14 @@ def convert(
     if quantization_config(config):
         raise CheckpointError(f"{source} is already quantized; convert from the original checkpoint")
     files = weight_files(source)
+    keep_tower = bool(config.get("vision_config"))
     # Loading is lazy: this reads only the headers, so a damaged one stops us before anything is written.
-    headers = [v for f in files for v in model.sanitize(load_safetensors(f)).values()]
+    parts = [source_tensors(model, f, keep_tower) for f in files]
+    headers = [v for text, tower in parts for v in (*text.values(), *tower.values())]
+    has_tower = any(tower for _, tower in parts)
     dtype = dtype or checkpoint_dtype(source, config, headers)
     total_bytes, total_tensors = sum(v.nbytes for v in headers), len(headers)
-    del headers
+    del parts, headers
 
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -283,16 +307,16 @@ def convert(
         writer = ShardWriter(staging, max_shard_bytes)
         chosen: dict[str, Params | None] = {}
         with progress_bar(progress, total_bytes, total_tensors) as advance:
-            for done, chosen in convert_tensors(files, model, DTYPES[dtype], predicate, writer):
+            for done, chosen in convert_tensors(files, model, DTYPES[dtype], predicate, writer, keep_tower):
                 advance(done)
         size = writer.finish()
         quantization = quantization_block(default, chosen) if default is not None else None
-        (staging / "config.json").write_text(json.dumps(output_config(config, dtype, quantization), indent=2))
-        for name in TOKENIZER_FILES:
+        (staging / "config.json").write_text(json.dumps(output_config(config, dtype, quantization, has_tower), indent=2))
+        for name in (*TOKENIZER_FILES, *PROCESSOR_FILES):
             if (source / name).is_file():
                 shutil.copy(source / name, staging / name)
         skipped = sorted(path for path, params in chosen.items() if params is None)
-        (staging / "README.md").write_text(model_card(str(hf_path), dtype, quantization, recipe, skipped, size))
+        (staging / "README.md").write_text(model_card(str(hf_path), dtype, quantization, recipe, skipped, size, has_tower))
         replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

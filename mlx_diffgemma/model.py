@@ -32,8 +32,10 @@ from .cache import DiffusionCache, LayerCache
 LAYER_TYPES = ("sliding_attention", "full_attention")
 ROPE_TYPES = ("default", "proportional")
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
-# Vision tower and other weights the text model does not use.
-IGNORED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.", "model.encoder.embed_audio.")
+# The vision tower's weights: read from disk by vision.py on the first image, kept by convert.
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+# Weights the text model does not use.
+IGNORED_PREFIXES = (*VISION_PREFIXES, "model.encoder.embed_audio.")
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+from .model import VISION_PREFIXES
+
 EXTRA_HINT = "images need the vision extra: pip install 'mlx-diffgemma[vision]'"
 
 
@@ -181,7 +182,7 @@ class Vision:
         from .utils import quantization_config, read_weights
 
         tower = VisionTower(self.config["vision_config"], self.text_hidden_size)
-        weights = {k[len("model.encoder."):]: v for k, v in read_weights(self.model_path).items() if k.startswith(PREFIXES)}
+        weights = {k[len("model.encoder."):]: v for k, v in read_weights(self.model_path).items() if k.startswith(VISION_PREFIXES)}
         if not weights:
             raise ImageError(f"{self.model_path} has no vision tower weights (a text-only conversion): it cannot take images")
         if (quantization := quantization_config(self.config)) is not None:

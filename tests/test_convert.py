@@ -9,6 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import save_checkpoint
 
 from mlx_diffgemma.convert import MODES, RecipeError, convert
 from mlx_diffgemma.convert.converter import ShardWriter
@@ -73,15 +74,15 @@ def test_output_has_the_mlx_layout(conversions, hf_checkpoint):
     shards = [f for f in files if f.startswith("model-") and f.endswith(".safetensors")]
     assert shards == [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     config = json.loads((path / "config.json").read_text())
-    assert "vision_config" not in config
+    assert config["vision_config"] == json.loads((hf_checkpoint / "config.json").read_text())["vision_config"]
     quant = config["quantization"]
     assert quant == config["quantization_config"]
     assert (quant["bits"], quant["group_size"], quant["mode"]) == (4, 32, "affine")
     assert quant["model.decoder.layers.1.self_attn.q_proj"] == {"group_size": 64, "bits": 8, "mode": "affine"}
     assert "model.decoder.layers.1.experts.gate_up_proj" not in quant  # at the defaults
     index = json.loads((path / "model.safetensors.index.json").read_text())
-    assert not any("vision" in k for k in index["weight_map"])
-    assert "vision tower" in (path / "README.md").read_text()
+    assert any(k.startswith("model.encoder.vision_tower.") for k in index["weight_map"])
+    assert "Vision tower included" in (path / "README.md").read_text()
     model, tokenizer = load(path)
     assert model.layers[1].experts.gate_up_proj.bits == 4 and model.layers[1].self_attn.q_proj.bits == 8
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
@@ -342,3 +343,121 @@ def test_data_cut_short_after_the_header_was_read(hf_checkpoint, tmp_path, monke
         convert(src, tmp_path / "new" / "out", progress=False, max_shard_bytes=50_000)
     assert "\n" not in str(error.value)
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+# The tower: our conversions keep it as mlx-vlm's do, and each runtime reads the other's folders.
+
+SOFT_TOKENS = 70  # the fewest the reference processor allows per image
+
+
+@pytest.fixture(scope="module")
+def vision_checkpoint(reference_model, tokenizer_dir, tmp_path_factory):
+    """The tiny checkpoint with its config written as the hub's (mlx-vlm reads the full-attention
+    shape only from ``global_head_dim``), image token ids inside the tiny vocabulary and a processor
+    config with few soft tokens per image."""
+    from transformers import AutoTokenizer
+
+    out = save_checkpoint(reference_model, tokenizer_dir, tmp_path_factory.mktemp("hf-vision"), max_shard_size="60KB",
+                          real_style=True)
+    ids = AutoTokenizer.from_pretrained(tokenizer_dir).convert_tokens_to_ids(["<unused6>", "<unused7>", "<unused8>"])
+    config = json.loads((out / "config.json").read_text())
+    config.update(zip(("boi_token_id", "image_token_id", "eoi_token_id"), ids))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "processor_config.json").write_text(json.dumps({"image_processor": {"max_soft_tokens": SOFT_TOKENS}}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ours_4bit(vision_checkpoint, tmp_path_factory):
+    return convert(vision_checkpoint, tmp_path_factory.mktemp("ours") / "4bit", quantize=True, q_bits=4, q_group_size=32,
+                   progress=False)
+
+
+@pytest.fixture(scope="module")
+def community_4bit(vision_checkpoint, tmp_path_factory):
+    """A conversion by mlx-vlm 0.7.10 itself: the layout of the published 4-bit conversions."""
+    from mlx_vlm.convert import convert as mlx_vlm_convert
+
+    out = tmp_path_factory.mktemp("community") / "4bit"
+    mlx_vlm_convert(str(vision_checkpoint), mlx_path=str(out), quantize=True)
+    return out
+
+
+def peer_logits(peer, ids, canvas):
+    """mlx-vlm's denoiser logits, without and with self-conditioning on the first pass."""
+    cache = peer.diffusion_prefill_cache(ids, cache=peer.make_cache())
+    masks = peer.diffusion_decoder_masks(canvas, cache, None)
+    first = peer.diffusion_decoder_logits(canvas, cache=cache, decoder_attention_mask=masks)
+    conditioning = peer.diffusion_self_conditioning(first, peer.diffusion_prepare_self_conditioning())
+    second = peer.diffusion_decoder_logits(canvas, cache=cache, self_conditioning=conditioning, decoder_attention_mask=masks)
+    return np.array(first.astype(mx.float32)), np.array(second.astype(mx.float32))
+
+
+def test_mlx_vlm_loads_our_4bit_conversion_and_its_text_logits_match_ours(ours_4bit, vocab_size):
+    import mlx.nn as nn
+    from mlx_vlm.utils import load_model as load_peer
+
+    config = json.loads((ours_4bit / "config.json").read_text())
+    assert config["vision_config"]["hidden_size"] == 16 and config["quantization"]["bits"] == 4
+    peer = load_peer(ours_4bit)  # strict: every parameter, the tower's included
+    assert isinstance(peer.model.decoder.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    assert peer.model.decoder.layers[0].self_attn.q_proj.bits == 4
+    ours = load_model(ours_4bit)
+    rng = np.random.default_rng(0)
+    errors = []
+    for _ in range(2):
+        ids, canvas = mx.array(rng.integers(3, vocab_size, (1, 12))), mx.array(rng.integers(3, vocab_size, (1, 16)))
+        cache = ours.make_cache()
+        ours.encode(ids, cache)
+        first = ours.denoise(canvas, cache)
+        second = ours.denoise(canvas, cache, first)
+        peer_first, peer_second = peer_logits(peer, ids, canvas)
+        errors += [np.abs(np.array(first) - peer_first).max(), np.abs(np.array(second) - peer_second).max()]
+    print(f"largest logit difference from mlx-vlm: {max(errors):.2e}")
+    assert max(errors) < 1e-3
+
+
+def test_our_mixed_4_8_conversion_has_the_community_layout(vision_checkpoint, community_4bit, tmp_path):
+    ours = convert(vision_checkpoint, tmp_path / "mixed", recipe="mixed_4_8", progress=False)
+
+    def layout(folder):
+        config = json.loads((folder / "config.json").read_text())
+        quantization = {k: {"mode": "affine", **v} if isinstance(v, dict) else v for k, v in config["quantization"].items()}
+        return {k: (v.shape, v.dtype) for k, v in saved_tensors(folder).items()}, quantization, config["vision_config"]
+
+    tensors, quantization, vision_config = layout(ours)
+    assert any(k.startswith("model.encoder.vision_tower.") for k in tensors)
+    assert (tensors, quantization, vision_config) == layout(community_4bit)
+
+
+def test_the_tower_is_kept_unquantized_and_named_as_in_the_source(vision_checkpoint, ours_4bit):
+    source = {k: v for k, v in saved_tensors(vision_checkpoint).items() if "vision" in k}
+    kept = {k: v for k, v in saved_tensors(ours_4bit).items() if "vision" in k}
+    assert sorted(kept) == sorted(source) and all(mx.array_equal(kept[k], source[k]) for k in source)
+
+
+@pytest.mark.parametrize("folder", ["ours_4bit", "community_4bit"])
+def test_a_conversion_with_a_tower_takes_an_image(vision_checkpoint, folder, request):
+    from PIL import Image
+
+    from mlx_diffgemma.vision import attach_images
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    original = load_model(vision_checkpoint)
+    converted = load_model(request.getfixturevalue(folder))
+    assert converted.vision is not None and converted.vision.tower is None  # the tower stays on disk until an image
+    assert converted.vision.processor.max_soft_tokens == SOFT_TOKENS  # processor_config.json came along
+    prompt = [2, 20, converted.args.image_token_id, 21]
+    ids, features = attach_images(converted, [prompt], [[image]])
+    _, expected = attach_images(original, [prompt], [[image]])
+    assert features.shape[0] == ids[0].count(converted.args.image_token_id) > 1
+    assert np.abs(np.array(features) - np.array(expected)).max() < 1e-5  # the tower is not quantized
+    cache = converted.make_cache()
+    converted.encode(mx.array(ids), cache, image_features=features)
+    assert np.isfinite(np.array(converted.denoise(mx.array([[5] * 16]), cache))).all()
+
+
+def test_the_model_card_says_the_tower_is_included(ours_4bit, conversions):
+    assert "Vision tower included, in float32 (not quantized" in card(ours_4bit)
+    assert "Text only" not in card(ours_4bit)
+    assert "Vision tower included" in card(conversions["4-bit"])
