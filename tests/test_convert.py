@@ -461,3 +461,12 @@ def test_the_model_card_says_the_tower_is_included(ours_4bit, conversions):
     assert "Vision tower included, in float32 (not quantized" in card(ours_4bit)
     assert "Text only" not in card(ours_4bit)
     assert "Vision tower included" in card(conversions["4-bit"])
+
+
+def test_a_source_without_a_vision_config_converts_text_only(hf_checkpoint, tmp_path):
+    source = edit_copy(hf_checkpoint, tmp_path / "no-vision-config", drop=("vision_config",))
+    out = convert(source, tmp_path / "text-only", progress=False, quantize=True, q_group_size=32)
+    assert not any("vision" in k for k in saved_tensors(out))
+    assert "vision_config" not in json.loads((out / "config.json").read_text())
+    assert "Text only: the source checkpoint has no vision tower." in card(out)
+    assert load_model(out).vision is None
