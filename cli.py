@@ -216,6 +216,9 @@ def generate(
         help="A JSON schema file: the reply is JSON valid against it (thinking is off)."),
     regex: Optional[str] = typer.Option(
         None, "--regex", show_default=False, help="A regular expression the whole reply must match (thinking is off)."),
+    image: Optional[list[Path]] = typer.Option(
+        None, "--image", metavar="PATH", show_default=False,
+        help="An image for the model to read, before the prompt's text; repeatable (needs the [vision] extra)."),
 ):
     """Answer one prompt and print the reply as it is committed, canvas by canvas.
 
@@ -233,15 +236,21 @@ def generate(
     from mlx_diffgemma.generate import prepare_prompt, resolve_settings
     from mlx_diffgemma.progress import Progress
     from mlx_diffgemma.repl import fit_context
+    from mlx_diffgemma.vision import attach_images, read_image
 
     if prompt is None or prompt == "-":
         prompt = sys.stdin.read().removesuffix("\n")
     if not prompt.strip():
         fail("empty prompt")
-    templated = [flag for flag, value in (("--system", system), ("--tools", tools), ("--think/--no-think", think))
-                 if value is not None]
+    templated = [flag for flag, value in (("--system", system), ("--tools", tools), ("--think/--no-think", think),
+                                          ("--image", image or None)) if value is not None]
     if raw and templated:
         fail(f"{', '.join(templated)} need the chat template; leave out --raw")
+    try:
+        for path in image or ():  # read before the model loads, to fail fast
+            read_image(path)
+    except ValueError as e:
+        fail(f"--image: {e}")
     tool_list = read_tools(tools)
     schema = read_schema(json_schema, regex, think)
     if schema is not None or regex is not None:
@@ -257,10 +266,13 @@ def generate(
     show_reasoning = rank0 and not hide_reasoning
     progress = None
     messages = [{"role": "system", "content": system}] if system else []
-    last, thinking, answered, calls = None, False, False, []
+    content = [*({"type": "image", "image": str(path)} for path in image), {"type": "text", "text": prompt}] if image else prompt
+    last, thinking, answered, calls, images, features = None, False, False, [], [], None
     try:
-        ids = prepare_prompt(tokenizer, prompt if raw else [*messages, {"role": "user", "content": prompt}],
-                             enable_thinking=think, tools=tool_list)
+        ids = prepare_prompt(tokenizer, prompt if raw else [*messages, {"role": "user", "content": content}],
+                             images=images, enable_thinking=think, tools=tool_list)
+        if images:  # expanded here, so that the reply is sized to the whole prompt
+            [ids], features = attach_images(model_obj, [ids], [images])
         if prompt_cache.prefix and ids[: len(prompt_cache.prefix[0])] != prompt_cache.prefix[0]:
             typer.echo(f"warning: the prompt does not start with {prompt_cache_file}'s prefix; it is encoded in full",
                        err=True)
@@ -270,7 +282,7 @@ def generate(
             model_obj, tokenizer, ids, max_tokens, steps=steps, entropy_bound=entropy_bound,
             t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed, short_final_canvas=short_final_canvas,
             self_conditioning_top_k=sc_top_k, prompt_cache=prompt_cache if prompt_cache_file else None,
-            json_schema=schema, regex=regex, draft=progress is not None,
+            json_schema=schema, regex=regex, image_features=features, draft=progress is not None,
         ):
             if last.draft is not None:
                 progress.show(last.step, last.draft)
@@ -492,6 +504,9 @@ def serve(
     prompt_cache_bytes: Optional[int] = typer.Option(
         None, "--prompt-cache-bytes", min=0, show_default=False,
         help="Most bytes the KV caches of recent conversations may hold; the least recently used go first (default: 4 GiB)."),
+    allow_remote_images: bool = typer.Option(
+        False, "--allow-remote-images",
+        help="Fetch images given as http(s) URLs (default: data: URIs only). The server then fetches any URL a client sends."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
@@ -514,7 +529,7 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     run_server(model_obj, tokenizer, model, host=host, port=port, api_key=api_key, lockstep=lockstep,
-               cors_origins=cors_origin or None, prompt_cache=prompt_cache)
+               cors_origins=cors_origin or None, prompt_cache=prompt_cache, allow_remote_images=allow_remote_images)
 
 
 @app.command("cache-prompt")

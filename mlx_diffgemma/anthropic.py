@@ -2,7 +2,8 @@
 
 A request becomes an OpenAI-style chat request (messages with ``tool_calls`` and ``tool``
 turns, function tools, ``stop``, ``chat_template_kwargs``), which the server checks and
-runs as any other; the replies become content blocks (``thinking``, ``text``,
+runs as any other (image blocks: base64 ones decoded here, URL ones as ``image_url`` parts);
+the replies become content blocks (``thinking``, ``text``,
 ``tool_use``) or, streamed, the Messages API's events.
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 
 from .generate import GenerationResponse
 from .tools import RequestError, anthropic_tools, arguments_json, call_id
+from .vision import ImageError, read_image
 
 STOP_REASONS = {"length": "max_tokens"}
 
@@ -69,12 +71,14 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
         blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(blocks, list):
             raise RequestError(f"{where}: content must be a string or a list of content blocks", where)
-        text, tool_calls, results = [], [], []
+        parts, tool_calls, results = [], [], []
         for j, block in enumerate(blocks):
             kind = block.get("type") if isinstance(block, dict) else None
             at = f"{where}.content[{j}]"
             if kind == "text" and isinstance(block.get("text"), str):
-                text.append(block["text"])
+                parts.append({"type": "text", "text": block["text"]})
+            elif kind == "image" and message["role"] == "user":
+                parts.append(_image(block.get("source"), at))
             elif kind in ("thinking", "redacted_thinking") and message["role"] == "assistant":
                 continue  # earlier reasoning is not sent back to the model
             elif kind == "tool_use" and message["role"] == "assistant":
@@ -91,12 +95,27 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
             else:
                 raise RequestError(f"{at}: a {kind!r} block is not supported in a {message['role']} message", at)
         out += results
-        if text or tool_calls or not results:
-            turn: dict[str, Any] = {"role": message["role"], "content": "".join(text)}
+        if parts or tool_calls or not results:
+            images = any(p["type"] != "text" for p in parts)
+            turn: dict[str, Any] = {"role": message["role"], "content": parts if images else "".join(p["text"] for p in parts)}
             if tool_calls:
                 turn["tool_calls"] = tool_calls
             out.append(turn)
     return out
+
+
+def _image(source: Any, at: str) -> dict[str, Any]:
+    """An image block's source as a chat content part: a base64 image decoded, a URL as an ``image_url`` part."""
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "url" and isinstance(source.get("url"), str):
+        return {"type": "image_url", "image_url": {"url": source["url"]}}
+    if kind != "base64" or not isinstance(source.get("media_type"), str) or not isinstance(source.get("data"), str):
+        raise RequestError(f"{at}: an image block's source must be {{\"type\": \"base64\", \"media_type\", \"data\"}} "
+                           "or {\"type\": \"url\", \"url\"}", at)
+    try:
+        return {"type": "image", "image": read_image(f"data:{source['media_type']};base64,{source['data']}")}
+    except ImageError as e:
+        raise RequestError(f"{at}: {e}", at) from None
 
 
 def _result_text(block: dict[str, Any], at: str) -> str:

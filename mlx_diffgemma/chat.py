@@ -9,6 +9,7 @@ from typing import Any
 
 from .generate import GenerationResponse, PromptCache, stream_generate
 from .model import Model
+from .vision import attach_images, split_image_parts
 
 TEMPLATE_OPTIONS = ("enable_thinking", "tools", "chat_template_kwargs")
 
@@ -18,7 +19,9 @@ class ChatSession:
     the conversation so far is kept as the exact token ids the model saw and wrote, and a
     new turn appends the chat template's text for it. ``generator`` is ``stream_generate``
     or, for a sharded model, ``Lockstep.stream``. A ``prompt_cache`` with a ``prefix`` (a
-    prompt-cache file) lets every conversation that starts with that prefix skip encoding it."""
+    prompt-cache file) lets every conversation that starts with that prefix skip encoding it.
+    A user message may carry images (paths, or anything ``vision.read_image`` takes); they stay
+    in the history, and the cache, which tells images apart, is reused on later turns."""
 
     def __init__(self, model: Model, tokenizer, system: str | None = None,
                  generator: Callable[..., Iterator[GenerationResponse]] = stream_generate,
@@ -44,17 +47,22 @@ class ChatSession:
         """The conversation's ids: those the model already saw, then the template's text for the rest."""
         kwargs = {**(chat_template_kwargs or {}), "enable_thinking": enable_thinking, "tools": tools}
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        text = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        messages, _ = split_image_parts(self.messages)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
         if self.history_ids:
             seen = self.tokenizer.decode(self.history_ids)
             if text.startswith(seen):
                 return self.history_ids + self.tokenizer.encode(text[len(seen):], add_special_tokens=False)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def send(self, text: str, **options: Any) -> Iterator[GenerationResponse]:
-        """Stream the reply to a user message. An interrupted reply is kept as far as it got;
-        a refused one (bad settings, prompt too long) leaves the history as it was."""
-        yield from self._reply({"role": "user", "content": text}, options)
+    def send(self, text: str, images: list[Any] | None = None, **options: Any) -> Iterator[GenerationResponse]:
+        """Stream the reply to a user message, with ``images`` before its text. An interrupted
+        reply is kept as far as it got; a refused one (bad settings, prompt too long, an image
+        that cannot be read) leaves the history as it was."""
+        content: Any = text
+        if images:
+            content = [*({"type": "image", "image": image} for image in images), {"type": "text", "text": text}]
+        yield from self._reply({"role": "user", "content": content}, options)
 
     def send_tool_result(self, content: str, name: str | None = None, **options: Any) -> Iterator[GenerationResponse]:
         """Stream the reply to a tool's result (a ``tool`` turn after the model's call)."""
@@ -67,7 +75,10 @@ class ChatSession:
         template = {k: options.pop(k, None) for k in TEMPLATE_OPTIONS}
         try:
             ids = self.prompt_ids(**template)
-            stream = self.generator(self.model, self.tokenizer, ids, prompt_cache=self.prompt_cache, **options)
+            prompt, images = ids, split_image_parts(self.messages)[1]
+            if images:  # expanded here, so that the reply is sized to the whole prompt
+                [prompt], options["image_features"] = attach_images(self.model, [ids], [images])
+            stream = self.generator(self.model, self.tokenizer, prompt, prompt_cache=self.prompt_cache, **options)
             first = next(stream, None)  # checks the request and prefills
         except BaseException:
             self.messages.pop()

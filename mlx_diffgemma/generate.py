@@ -7,6 +7,7 @@ Layers, bottom-up: ``denoise_canvas`` (the inner loop over denoising steps),
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from bisect import bisect_right
@@ -561,6 +562,7 @@ def stream_batch_generate(
     fixed: Sequence[int | None] | None = None,
     json_schema: Any = None,
     regex: str | None = None,
+    image_features: mx.array | None = None,
     **overrides: Any,
 ) -> Iterator[GenerationResponse]:
     """Stream replies to several prompts at once; each response's ``index`` names its row.
@@ -582,6 +584,12 @@ def stream_batch_generate(
     the texts it accepts (``constrained.py``): even a reply ended by ``max_tokens`` is
     accepted whole, since the last canvas must end in an accepting state (a stop string,
     though, cuts the text where it matches).
+
+    Images come in chat messages' image parts; token-id prompts whose images were already
+    expanded (``vision.attach_images``, so that a caller can size the reply to the whole
+    prompt) pass the images' soft tokens, every row's in order, as ``image_features``. A
+    ``prompt_cache`` tells images apart by their soft tokens, so a conversation with images
+    in its history encodes only its new tokens too.
     """
     resolved = resolve_settings(model, settings, **overrides)
     constraint = None
@@ -591,10 +599,10 @@ def stream_batch_generate(
     template_kwargs = {**(chat_template_kwargs or {}), "enable_thinking": enable_thinking, "tools": tools}
     images: list[list[Any]] = [[] for _ in prompts]
     ids = [prepare_prompt(tokenizer, p, images=found, **template_kwargs) for p, found in zip(prompts, images)]
-    image_features = None
     if any(images):
+        if image_features is not None:
+            raise ValueError("give images in chat messages or image_features with token ids, not both")
         ids, image_features = attach_images(model, ids, images)
-        prompt_cache = None  # it is keyed on token ids, which do not tell images apart
     check_request(model, ids, max_tokens, resolved.canvas_length)
     if prompt_cache is not None and len(ids) != 1:
         raise ValueError("a prompt cache serves one prompt at a time")
@@ -605,7 +613,15 @@ def stream_batch_generate(
     steps_per_canvas: list[int] = []
     passes, valid = [0] * len(ids), [0] * len(ids)
     finished: list[str | None] = [None] * len(ids)
-    to_encode = prompt_cache.prepare(model, ids[0]) if prompt_cache is not None else None
+    to_encode, features, keys = None, image_features, ids[0]
+    if prompt_cache is not None:
+        if image_features is not None:
+            keys = image_keys(ids[0], model.args.image_token_id, image_features)
+        reused = len(keys) - len(prompt_cache.prepare(model, keys))
+        to_encode = ids[0][reused:]
+        if image_features is not None:  # the reused part's images are in the cache already
+            seen = ids[0][:reused].count(model.args.image_token_id)
+            features = image_features[seen:] if seen < image_features.shape[0] else None
     encoded = [len(to_encode)] if to_encode is not None else [len(p) for p in ids]
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -629,7 +645,7 @@ def stream_batch_generate(
         model, [to_encode] if to_encode is not None else ids, max_tokens=max_tokens, settings=resolved,
         eos_token_ids=tokenizer.eos_token_ids, noise=noise, pad_token_id=model.args.pad_token_id or 0,
         cache=prompt_cache.cache if prompt_cache is not None else None,
-        fixed=[list(fixed)] * len(ids) if fixed else None, constraint=constraint, image_features=image_features,
+        fixed=[list(fixed)] * len(ids) if fixed else None, constraint=constraint, image_features=features,
     )
     with wired_limit(model):
         try:
@@ -637,7 +653,7 @@ def stream_batch_generate(
                 if isinstance(event, Prefilled):
                     prompt_time = time.perf_counter() - start
                     if prompt_cache is not None:
-                        prompt_cache.remember_prompt(ids[0])
+                        prompt_cache.remember_prompt(keys)
                     continue
                 if isinstance(event, Draft):
                     if draft:
@@ -661,8 +677,23 @@ def stream_batch_generate(
             raise
         finally:
             if prompt_cache is not None:
-                prompt_cache.keep(ids[0] + replies[0].tokens)
+                prompt_cache.keep(keys + replies[0].tokens)
             mx.clear_cache()
+
+
+def image_keys(ids: list[int], image_token_id: int, image_features: mx.array) -> list[int]:
+    """``ids`` with each image's tokens replaced by a key digested from its soft tokens: a
+    prompt cache matches an image only to the same image, and never to a text token (keys
+    are negative)."""
+    rows = np.array(image_features.astype(mx.float32))
+    out, start = list(ids), 0
+    for i, t in enumerate(ids):
+        if t == image_token_id and (i == 0 or ids[i - 1] != image_token_id):  # an image's first token
+            n = next((j for j in range(i, len(ids)) if ids[j] != image_token_id), len(ids)) - i
+            digest = hashlib.sha256(rows[start : start + n].tobytes()).digest()
+            out[i : i + n] = [-1 - int.from_bytes(digest[:7], "little")] * n
+            start += n
+    return out
 
 
 def stream_generate(model: Model, tokenizer, prompt: Prompt, max_tokens: int = 256, **kwargs: Any) -> Iterator[GenerationResponse]:
@@ -670,7 +701,7 @@ def stream_generate(model: Model, tokenizer, prompt: Prompt, max_tokens: int = 2
 
     Keyword arguments as ``stream_batch_generate``: ``settings`` and single settings,
     ``seed``, ``stop``, ``draft``, ``noise``, ``prompt_cache``, ``enable_thinking``, ``tools``,
-    ``chat_template_kwargs``, ``fixed``, ``json_schema`` and ``regex``.
+    ``chat_template_kwargs``, ``fixed``, ``json_schema``, ``regex`` and ``image_features``.
     """
     return stream_batch_generate(model, tokenizer, [prompt], max_tokens, **kwargs)
 

@@ -17,11 +17,13 @@ from rich.text import Text
 from .chat import ChatSession
 from .generate import GenerationResponse, fitting_tokens, resolve_settings, stream_generate
 from .reply import Markers, Reply, parse_reply
+from .vision import ImageError, read_image
 
 HELP = """Commands:
   /reset               forget the conversation
   /system <text>       set the system prompt (starts a new conversation)
   /think               turn thinking on or off for the next turns
+  /image <path>        attach an image to your next message (repeat for several)
   /tool-result <json>  answer the last reply's tool call with a result; the model goes on
   /stats               speed and denoising statistics of the last reply
   /save <file>         write the conversation as JSON
@@ -113,6 +115,7 @@ class Repl:
         self.session, self.console, self.draft, self.sharded = session, console, draft, sharded
         self.enable_thinking = enable_thinking  # None: as the chat template decides
         self.markers = Markers.of(session.tokenizer)
+        self.images: list[str] = []  # attached to the next message
 
     def command(self, line: str) -> bool:
         """Run a /command; False means exit."""
@@ -122,6 +125,7 @@ class Repl:
             return False
         if name == "/reset":
             self.session.reset()
+            self.images = []
             self.console.print("[dim]conversation reset[/dim]")
         elif name == "/system":
             self.session.set_system(arg)
@@ -131,6 +135,8 @@ class Repl:
             self.console.print(f"thinking {'on' if self.enable_thinking else 'off'} for the next turns", style="dim")
         elif name == "/tool-result":
             return self.tool_result(arg)
+        elif name == "/image":
+            self.attach(arg)
         elif name == "/stats":
             last = self.session.last
             self.console.print(format_stats(last) if last else "no reply yet", markup=False)
@@ -153,6 +159,21 @@ class Repl:
     def error(self, message: str) -> None:
         self.console.print(f"error: {message}", style="red", markup=False, soft_wrap=True)
 
+    def attach(self, path: str) -> None:
+        """Attach the image at ``path`` to the next message, once it is known to be one the model can take."""
+        if not path:
+            return self.error("/image needs a file: /image <path>")
+        if self.sharded:
+            return self.error("images are not supported on a model sharded across machines")
+        if self.session.model.vision is None:
+            return self.error("this model takes no images: its checkpoint has no vision tower")
+        try:
+            read_image(path)
+        except ImageError as e:
+            return self.error(str(e))
+        self.images.append(path)
+        self.console.print(f"{plural(len(self.images), 'image')} attached to your next message", style="dim")
+
     def tool_result(self, content: str) -> bool:
         """Send ``content`` (JSON) as the result of the last reply's tool call; False means exit."""
         last = self.session.messages[-1] if self.session.messages else {}
@@ -173,7 +194,8 @@ class Repl:
 
     def reply(self, text: str) -> bool:
         """Stream a reply; False means exit."""
-        return self.stream(self.session.send(text, **self.turn_options()))
+        images, self.images = self.images, []
+        return self.stream(self.session.send(text, images=images, **self.turn_options()))
 
     def stream(self, stream: Iterator[GenerationResponse]) -> bool:
         """Show a reply as it streams; False means exit. Ctrl-C stops it at the next update

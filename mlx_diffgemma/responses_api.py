@@ -1,7 +1,7 @@
 """OpenAI's Responses API (``POST /v1/responses``) over the chat generation path.
 
-A request (``input`` items, ``instructions``, function tools, ``reasoning``) becomes an
-OpenAI-style chat request, which the server checks and runs as any other; the reply
+A request (``input`` items, ``instructions``, function tools, ``reasoning``; a user
+message's ``input_image`` parts, ``data:`` URIs decoded here) becomes an OpenAI-style chat request, which the server checks and runs as any other; the reply
 becomes output items (``reasoning``, ``message``, ``function_call``) and, streamed, the
 Responses API's events. Nothing is stored: ``previous_response_id`` is refused.
 """
@@ -15,6 +15,7 @@ from typing import Any
 
 from .generate import GenerationResponse
 from .tools import RequestError, arguments_json, call_id, responses_tools
+from .vision import ImageError, read_image
 
 THINKING_OFF = ("none", "minimal")
 
@@ -86,7 +87,8 @@ def _input(items: Any) -> list[dict[str, Any]]:
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
                 raise RequestError(f"{where}: role must be user, assistant, system or developer", where)
-            out.append({"role": "system" if role == "developer" else role, "content": _content(item.get("content"), where)})
+            content = _content(item.get("content"), where, images=role == "user")
+            out.append({"role": "system" if role == "developer" else role, "content": content})
         elif kind == "function_call":
             if not all(isinstance(item.get(k), str) for k in ("call_id", "name")):
                 raise RequestError(f"{where}: a function_call needs a call_id and a name", where)
@@ -110,19 +112,37 @@ def _input(items: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _content(content: Any, where: str) -> str:
+def _content(content: Any, where: str, images: bool = False) -> str | list[dict[str, Any]]:
+    """Text, or with ``images`` (user messages) text and image parts: ``input_image`` parts
+    with a ``data:`` URI decoded here, with an http(s) URL as ``image_url`` parts."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text") \
-                    or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else None
-                raise RequestError(f"{where}: content parts of type {kind!r} are not supported (text only)", where)
-            texts.append(part["text"])
-        return "".join(texts)
-    raise RequestError(f"{where}: content must be a string or a list of text parts", where)
+    if not isinstance(content, list):
+        raise RequestError(f"{where}: content must be a string or a list of content parts", where)
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "input_image" and images:
+            parts.append(_image(part.get("image_url"), f"{where}.content[{j}].image_url"))
+        else:
+            accepted = "text and input_image" if images else "text"
+            raise RequestError(f"{where}: content parts of type {kind!r} are not supported ({accepted} only)", where)
+    if any(p["type"] != "text" for p in parts):
+        return parts
+    return "".join(p["text"] for p in parts)
+
+
+def _image(url: Any, at: str) -> dict[str, Any]:
+    if isinstance(url, str) and url.startswith(("http://", "https://")):
+        return {"type": "image_url", "image_url": {"url": url}}
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise RequestError(f"{at}: an input_image needs an image_url, a data: URI or an http(s) URL (file_id is not supported)", at)
+    try:
+        return {"type": "image", "image": read_image(url)}
+    except ImageError as e:
+        raise RequestError(f"{at}: {e}", at) from None
 
 
 class ResponseBuilder:

@@ -15,9 +15,12 @@ Accepted: ``POST /v1/chat/completions`` and ``/v1/completions`` with an
 ``system``, ``developer`` (as system), ``user``, ``assistant`` (``content`` null or absent
 when it carries ``tool_calls``; their ``arguments`` may be a JSON string) and ``tool``
 (answering an earlier call by ``tool_call_id``); content is a string or a list of text
-parts. ``tools`` go to the chat template. ``n`` (1 to ``MAX_CHOICES``) choices are
-denoised as one batch, choice ``i`` with seed ``seed + i``. ``max_tokens`` beyond the
-context is clamped to what fits and the reply ends with ``finish_reason: "length"``.
+parts, and in user messages ``image_url`` parts: a ``data:`` URI, or an ``http(s)`` URL
+when the server was started with ``allow_remote_images`` (fetched here, at most
+``MAX_IMAGE_BYTES`` within ``IMAGE_TIMEOUT`` seconds). ``tools`` go to the chat template.
+``n`` (1 to ``MAX_CHOICES``) choices are denoised as one batch, choice ``i`` with seed
+``seed + i``. ``max_tokens`` beyond the context is clamped to what fits and the reply ends
+with ``finish_reason: "length"``.
 ``/v1/completions`` with a ``suffix`` infills: the completion is the middle between the
 prompt and the suffix, its length chosen by ``infill.py``'s rule (``max_tokens`` bounds it;
 ``stop`` and a sharded model are refused). ``echo`` and ``best_of`` are accepted at their
@@ -30,7 +33,8 @@ near-greedy (1e-4). Model-specific extras may be passed in the body: ``steps``,
 
 Refused, always in OpenAI's error shape: a body that is not JSON (415 for another or no
 content type, 413 above the size limit, 400 for malformed or deeply nested JSON), fields
-of the wrong type or range, unknown roles, non-text content parts, a tool message that
+of the wrong type or range, unknown roles, content parts other than text and images (an
+image that cannot be read, or sent to a model without a vision tower), a tool message that
 answers no earlier call, a prompt that leaves no room to generate, and sampler fields
 DiffusionGemma cannot honour (``top_p``, ``top_k``, ``logprobs``, penalties, ...) at any
 value but their neutral one. Unknown routes and methods answer 404 and 405.
@@ -71,6 +75,7 @@ from .constrained import automaton_for, check_length, schema_regex, tool_call_re
 from .lockstep import Lockstep
 from .model import Model
 from .tools import RequestError, arguments_json, call_id, openai_tools, parse_arguments, tool_choice
+from .vision import ImageError, attach_images, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +84,8 @@ EXTRA_SETTINGS = ("steps", "entropy_bound", "t_min", "t_max", "canvas_length", "
 MAX_BODY_BYTES = 32 * 2**20
 MAX_JSON_DEPTH = 64
 MAX_CHOICES = 8
+MAX_IMAGE_BYTES = 20 * 2**20  # an image fetched from an http(s) URL
+IMAGE_TIMEOUT = 10.0  # seconds to fetch it
 ROLES = ("system", "developer", "user", "assistant", "tool")
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 # Sampler fields DiffusionGemma has no counterpart for: accepted only at the value that changes nothing.
@@ -204,12 +211,22 @@ class Worker:
             job.emit(None)
 
     def prepare(self, job: Job) -> tuple[list[int], dict[str, Any]]:
-        """Token ids and options, ``max_tokens`` clamped to the context; an ``APIError`` if refused."""
+        """Token ids and options, ``max_tokens`` clamped to the context; an ``APIError`` if refused.
+        Images are expanded to their soft tokens here, so that the reply is sized to the whole prompt."""
+        images: list[Any] = []
         try:
-            ids = prepare_prompt(self.tokenizer, job.prompt, tools=job.tools, **job.template)
+            ids = prepare_prompt(self.tokenizer, job.prompt, images=images, tools=job.tools, **job.template)
         except Exception as e:  # the chat template refused the conversation
             raise APIError(400, f"cannot apply the chat template: {e}", "messages") from None
         options = dict(job.options)
+        if images:
+            if self.lockstep is not None:
+                raise APIError(400, "images are not supported on a model sharded across machines", "messages")
+            try:
+                [ids], features = attach_images(self.model, [ids], [images])
+            except ImageError as e:
+                raise APIError(400, str(e), "messages") from None
+            options["image_features"] = features
         if job.suffix is not None:
             return ids, {"infills": self.infills(job, options)}
         try:
@@ -275,6 +292,8 @@ class Worker:
         if job.n == 1:
             yield from self.generate(self.model, self.tokenizer, ids, prompt_cache=self.prompt_cache, **options)
         elif self.lockstep is None:
+            if options.get("image_features") is not None:  # every row's images, row after row
+                options["image_features"] = mx.concatenate([options["image_features"]] * job.n)
             yield from stream_batch_generate(self.model, self.tokenizer, [ids] * job.n, **options)
         else:  # the followers run single prompts: one choice after another, seeds as a batch would use
             seed = options.pop("seed")
@@ -353,19 +372,72 @@ def sampling_options(body: dict) -> dict[str, Any]:
     return options
 
 
-def message_text(content: Any, param: str) -> str:
-    """A message's content as text: a string, or OpenAI's list of text parts."""
+def message_content(content: Any, param: str, image: Callable[[dict, str], Any] | None = None) -> str | list[dict[str, Any]]:
+    """A message's content: a string, or OpenAI's list of parts; text, and where ``image`` is
+    given (it reads an image part: user messages), images too, as the chat template's parts."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise APIError(400, f"'{param}' must be a string or a list of text parts", param)
-    texts = []
+        raise APIError(400, f"'{param}' must be a string or a list of content parts", param)
+    parts = []
     for i, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise APIError(400, f"'{param}[{i}]' must be a text part {{\"type\": \"text\", \"text\": \"...\"}}; "
-                                "this model reads text only", f"{param}[{i}]")
-        texts.append(part["text"])
-    return "".join(texts)
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind in ("image_url", "image") and image is not None:
+            parts.append({"type": "image", "image": image(part, f"{param}[{i}]")})
+        else:
+            accepted = "a text part {\"type\": \"text\", \"text\": \"...\"}"
+            accepted += " or an image_url part" if image is not None else "; images go in user messages"
+            raise APIError(400, f"'{param}[{i}]' must be {accepted}", f"{param}[{i}]")
+    if any(p["type"] == "image" for p in parts):
+        return parts
+    return "".join(p["text"] for p in parts)
+
+
+def read_image_part(part: dict, param: str, remote: bool = False) -> Any:
+    """The decoded image of an ``image_url`` part (a ``data:`` URI; with ``remote``, an http(s)
+    URL fetched here), or of an ``image`` part a translated request (Anthropic's, the
+    Responses API's) decoded already."""
+    if part["type"] == "image":  # decoded by a translator: a PIL image, which no JSON body can carry
+        try:
+            from PIL.Image import Image
+        except ImportError:
+            Image = ()
+        if not isinstance(part.get("image"), Image):
+            raise APIError(400, f"'{param}' must be a text part or an image_url part", param)
+        return part["image"]
+    spec = part.get("image_url")
+    url, param = spec.get("url") if isinstance(spec, dict) else spec, f"{param}.image_url"
+    if not isinstance(url, str) or not url.startswith(("data:", "http://", "https://")):
+        raise APIError(400, f"'{param}' must be {{\"url\": \"data:image/...;base64,...\"}} or an http(s) URL", param)
+    if url.startswith("http") and not remote:
+        raise APIError(400, f"'{param}': remote images are not fetched; send the image as a data: URI "
+                            "(or start the server with --allow-remote-images)", param)
+    try:
+        return read_image(fetch_image(url, param) if url.startswith("http") else url)
+    except ImageError as e:
+        raise APIError(400, f"'{param}': {e}", param) from None
+
+
+def fetch_image(url: str, param: str) -> bytes:
+    """The body of a GET ``url``: at most ``MAX_IMAGE_BYTES``, within ``IMAGE_TIMEOUT`` seconds in all."""
+    import httpx
+
+    deadline, data = time.monotonic() + IMAGE_TIMEOUT, bytearray()
+    try:
+        with httpx.stream("GET", url, timeout=IMAGE_TIMEOUT, follow_redirects=True) as response:
+            if response.status_code != 200:
+                raise APIError(400, f"'{param}': {url[:100]} answered HTTP {response.status_code}", param)
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) > MAX_IMAGE_BYTES:
+                    raise APIError(400, f"'{param}': {url[:100]} is larger than {MAX_IMAGE_BYTES // 2**20} MiB", param)
+                if time.monotonic() > deadline:
+                    raise APIError(400, f"'{param}': {url[:100]} took longer than {IMAGE_TIMEOUT:g} s", param)
+    except httpx.HTTPError as e:
+        raise APIError(400, f"'{param}': cannot fetch {url[:100]}: {str(e) or type(e).__name__}", param) from None
+    return bytes(data)
 
 
 def history_tool_call(call: Any, param: str) -> dict[str, Any]:
@@ -382,8 +454,10 @@ def history_tool_call(call: Any, param: str) -> dict[str, Any]:
     return {"id": call["id"], "type": "function", "function": {"name": function["name"], "arguments": arguments}}
 
 
-def chat_messages(messages: Any) -> list[dict[str, Any]]:
-    """Checked messages in the form chat templates take; an ``APIError`` naming the field otherwise."""
+def chat_messages(messages: Any, image: Callable[[dict, str], Any] | None = None) -> list[dict[str, Any]]:
+    """Checked messages in the form chat templates take; an ``APIError`` naming the field
+    otherwise. ``image`` reads a user message's image part (``read_image_part``); without
+    it, image parts are refused as the model has no vision tower."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", "messages")
     out, calls = [], {}
@@ -401,7 +475,8 @@ def chat_messages(messages: Any) -> list[dict[str, Any]]:
         if content is None and not tool_calls:
             raise APIError(400, f"'{where}.content' is required", f"{where}.content")
         message = {"role": "system" if role == "developer" else role,
-                   "content": "" if content is None else message_text(content, f"{where}.content")}
+                   "content": "" if content is None else message_content(
+                       content, f"{where}.content", (image or no_images) if role == "user" else None)}
         if tool_calls:
             message["tool_calls"] = [history_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(tool_calls)]
             calls.update((c["id"], c["function"]["name"]) for c in message["tool_calls"])
@@ -415,6 +490,10 @@ def chat_messages(messages: Any) -> list[dict[str, Any]]:
             message.update(tool_call_id=call_id, name=name or calls[call_id])
         out.append(message)
     return out
+
+
+def no_images(part: dict, param: str) -> Any:
+    raise APIError(400, f"'{param}': this model takes no images: its checkpoint has no vision tower", param)
 
 
 def request_tools(body: dict) -> tuple[list[dict[str, Any]] | None, str | None]:
@@ -725,10 +804,12 @@ class APIKeyAuth:
 
 
 def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = None, lockstep: Lockstep | None = None,
-               cors_origins: list[str] | None = None, prompt_cache: PromptCache | None = None) -> FastAPI:
+               cors_origins: list[str] | None = None, prompt_cache: PromptCache | None = None,
+               allow_remote_images: bool = False) -> FastAPI:
     """The server's app. ``cors_origins``: origins browsers may call it from (``"*"`` for any);
     ``None`` allows pages from localhost, 127.0.0.1 and [::1] only. ``prompt_cache``: the
-    conversations' caches (its byte bound, a prompt-cache file's prefix); by default a fresh one."""
+    conversations' caches (its byte bound, a prompt-cache file's prefix); by default a fresh one.
+    ``allow_remote_images``: image parts may be http(s) URLs, which the server fetches."""
     worker = Worker(model, tokenizer, lockstep, prompt_cache)
     created = int(time.time())
 
@@ -844,7 +925,8 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
 
     def chat_job(body: dict) -> tuple[Job, bool, bool]:
         """The job for a chat request (OpenAI's, or one translated from another API)."""
-        messages = chat_messages(body.get("messages"))
+        image = None if model.vision is None else lambda part, param: read_image_part(part, param, allow_remote_images)
+        messages = chat_messages(body.get("messages"), image)
         tools, choice = request_tools(body)
         options = sampling_options(body)
         template = template_options(body)
@@ -870,7 +952,8 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        job, stream, usage_chunk = chat_job(await read_request(request))
+        # In a thread: images are decoded, and fetched with allow_remote_images, while reading the request.
+        job, stream, usage_chunk = await asyncio.to_thread(chat_job, await read_request(request))
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
         return await run(request, job, stream, ChatReply(base, usage_chunk))
 
@@ -904,13 +987,13 @@ def create_app(model: Model, tokenizer, model_id: str, api_key: str | None = Non
     async def messages(request: Request):
         # Any model name: Anthropic clients send their own, and this server has one model to offer.
         body = await read_request(request, any_model=True)
-        job, stream, _ = chat_job(translated({**body, "model": None}, anthropic.chat_request))
+        job, stream, _ = await asyncio.to_thread(lambda: chat_job(translated({**body, "model": None}, anthropic.chat_request)))
         return await run(request, job, stream, MessagesReply(model_id))
 
     @app.post("/v1/responses")
     async def responses(request: Request):
         body = await read_request(request)
-        job, stream, _ = chat_job(translated(body, responses_api.chat_request))
+        job, stream, _ = await asyncio.to_thread(lambda: chat_job(translated(body, responses_api.chat_request)))
         return await run(request, job, stream, ResponsesReply(model_id, body))
 
     return app
@@ -934,8 +1017,8 @@ def check_port(host: str, port: int) -> None:
 
 def serve(model: Model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 1234, api_key: str | None = None,
           lockstep: Lockstep | None = None, cors_origins: list[str] | None = None,
-          prompt_cache: PromptCache | None = None) -> None:
+          prompt_cache: PromptCache | None = None, allow_remote_images: bool = False) -> None:
     import uvicorn
 
-    app = create_app(model, tokenizer, model_id, api_key, lockstep, cors_origins, prompt_cache)
+    app = create_app(model, tokenizer, model_id, api_key, lockstep, cors_origins, prompt_cache, allow_remote_images)
     uvicorn.run(app, host=host, port=port, log_level="info")
