@@ -19,16 +19,16 @@ def gpu_path(monkeypatch):
     monkeypatch.setattr(model_module, "EXPERT_PATH", "gathered")
 
 
-def run(model, prompts, seed=0, max_tokens=48, steps=8):
-    """Every draft and committed canvas of a request (canvases of 16: three of them)."""
-    events = generate_step(model, prompts, max_tokens=max_tokens, settings=resolve_settings(model, steps=steps),
+def run(model, prompts, seed=0, max_tokens=48, steps=8, **settings):
+    """Every draft, and each committed canvas with its rows' forward passes (canvases of 16: three of them)."""
+    events = generate_step(model, prompts, max_tokens=max_tokens, settings=resolve_settings(model, steps=steps, **settings),
                            eos_token_ids=[], noise=SeededNoise(model.args.vocab_size, seed))
     drafts, canvases = [], []
     for event in events:
         if isinstance(event, Draft):
             drafts.append(np.array(event.tokens))
         elif isinstance(event, Canvas):
-            canvases.append((event.tokens, event.steps))
+            canvases.append((event.tokens, event.forward_passes))
     return drafts, canvases
 
 
@@ -45,7 +45,19 @@ def test_the_compiled_gpu_path_step_gives_the_cpu_paths_canvases_token_for_token
     assert compiled.traces > before  # the compiled step ran
     assert gpu_canvases == cpu_canvases
     assert len(gpu_drafts) == len(cpu_drafts) and all(np.array_equal(a, b) for a, b in zip(gpu_drafts, cpu_drafts))
-    assert len(cpu_canvases) == 3 and sum(steps for _, steps in cpu_canvases) > 6
+    assert len(cpu_canvases) == 3 and sum(max(passes) for _, passes in cpu_canvases) > 6
+
+
+def test_canvases_that_stop_early_with_top_k_self_conditioning_match_the_cpu_path_too(model, monkeypatch):
+    """Self-conditioning on logits (top-k), and the stopping rule met before the last step."""
+    prompts = [prompt(5), prompt(9, start=50)]
+    settings = dict(steps=12, stability_threshold=0, confidence_threshold=6.0, self_conditioning_top_k=8)
+    cpu_drafts, cpu_canvases = run(model, prompts, **settings)
+    monkeypatch.setattr(model_module, "EXPERT_PATH", "gathered")
+    gpu_drafts, gpu_canvases = run(model, prompts, **settings)
+    assert gpu_canvases == cpu_canvases
+    assert len(gpu_drafts) == len(cpu_drafts) and all(np.array_equal(a, b) for a, b in zip(gpu_drafts, cpu_drafts))
+    assert all(1 < max(passes) < 12 for _, passes in cpu_canvases)
 
 
 def test_one_trace_serves_every_step_every_canvas_and_the_next_request_in_the_same_bucket(model, gpu_path):
@@ -61,7 +73,7 @@ def test_a_prefix_in_the_next_bucket_traces_once_more_not_per_step(model, gpu_pa
     _, canvases = run(model, [prompt(compiled.PREFIX_BUCKET + 10)], steps=8)
     # The first step (no self-conditioning yet) and the later steps are one trace each.
     assert compiled.traces - before == 2
-    assert sum(steps for _, steps in canvases) > 4
+    assert sum(max(passes) for _, passes in canvases) > 4
 
 
 def test_prefix_buckets_grow_by_1024_then_by_an_eighth():
