@@ -295,7 +295,8 @@ def generate_step(
     canvases are encoded into the cache as the next one starts; the last one is not.
     ``fixed`` gives per row a token id, or ``None`` for a free position, for the first
     output positions (across canvases); the rest is free (``denoise_canvas``).
-    ``constraint`` keeps every row's output in an automaton's language: each canvas ends in
+    ``constraint`` (one automaton, or one per row) keeps each row's output in an automaton's
+    language: each canvas ends in
     a state that can still be completed within the tokens left, and its committed tokens
     carry the state to the next canvas. ``image_features`` are the soft tokens of the
     prompts' images (``vision.attach_images``).
@@ -314,7 +315,8 @@ def generate_step(
     budgets = [max_tokens] * len(prompts)
     reasons: list[str | None] = [None] * len(prompts)
     eos = set(eos_token_ids)
-    states = [constraint.start] * len(prompts) if constraint is not None else []
+    automata = [constraint] * len(prompts) if isinstance(constraint, Automaton) else constraint
+    states = [a.start for a in automata] if automata is not None else []
     for index in range(math.ceil(max_tokens / settings.canvas_length)):
         if index > 0:
             model.encode(argmax, cache)
@@ -326,8 +328,8 @@ def generate_step(
         guides = None
         if constraint is not None:
             counted = [min(canvas_settings.canvas_length, b) for b in budgets]
-            guides = [Guide(constraint, q, n, b - n) if r is None else None
-                      for q, n, b, r in zip(states, counted, budgets, reasons)]
+            guides = [Guide(a, q, n, b - n) if r is None else None
+                      for a, q, n, b, r in zip(automata, states, counted, budgets, reasons)]
         argmax, passes = yield from denoise_canvas(model, cache, index, len(prompts), canvas_settings, noise, clamped,
                                                    guides)
         new_tokens, valid = [], []
@@ -342,7 +344,7 @@ def generate_step(
                 count -= int((np.array(clamped[row, :count]) >= 0).sum())
             budgets[row] -= len(kept)
             if constraint is not None and reasons[row] is None:
-                states[row] = constraint.advance(states[row], kept)
+                states[row] = automata[row].advance(states[row], kept)
             new_tokens.append(kept)
             valid.append(count)
         yield Canvas(index, new_tokens, list(reasons), max(passes), passes, valid)
