@@ -86,11 +86,10 @@ def test_template_renders_gemma4_markers_and_wrapper_detects_them(agent):
     assert off.endswith("<|turn>user\nSay hi<turn|>\n<|turn>model\n<|channel>thought\n<channel|>")
 
 
-NOT_COPYING = pytest.mark.xfail(reason="the fixture writes the format but does not yet copy the city and numbers "
-                                       "from the prompt (see tests/fixtures/build_agent_model.py)", strict=False)
+NOT_COPYING = pytest.mark.xfail(reason="the fixture's answer after a tool result does not yet copy the whole result "
+                                       "(see tests/fixtures/build_agent_model.py)", strict=False)
 
 
-@NOT_COPYING
 @pytest.mark.parametrize("city", ["Paris", "Tokyo"])
 def test_weather_question_gives_thought_then_tool_call(agent, city):
     texts = replies(agent, [{"role": "user", "content": f"What is the weather in {city}?"}], [WEATHER_TOOL])
