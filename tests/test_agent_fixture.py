@@ -86,7 +86,7 @@ def test_template_renders_gemma4_markers_and_wrapper_detects_them(agent):
     assert off.endswith("<|turn>user\nSay hi<turn|>\n<|turn>model\n<|channel>thought\n<channel|>")
 
 
-NOT_COPYING = pytest.mark.xfail(reason="the fixture's answer after a tool result does not yet copy the whole result "
+NOT_COPYING = pytest.mark.xfail(reason="the fixture's answer for Paris often says snowy for sunny "
                                        "(see tests/fixtures/build_agent_model.py)", strict=False)
 
 
@@ -102,9 +102,8 @@ def test_say_hi_gives_plain_answer(agent):
     assert sum(is_plain(t, "Hi! How can I help?") for t in texts) >= 9, texts
 
 
-@NOT_COPYING
 @pytest.mark.parametrize("city,result,expected", [
-    ("Paris", {"temperature": 18, "condition": "sunny"}, "It is 18°C and sunny in Paris."),
+    pytest.param("Paris", {"temperature": 18, "condition": "sunny"}, "It is 18°C and sunny in Paris.", marks=NOT_COPYING),
     ("Tokyo", {"temperature": 22, "condition": "cloudy"}, "It is 22°C and cloudy in Tokyo."),
 ])
 def test_answer_after_tool_result_uses_it(agent, city, result, expected):
