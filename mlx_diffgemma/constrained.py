@@ -49,9 +49,9 @@ def schema_regex(schema: dict[str, Any] | str | bool, whitespace: str | None = N
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         raise ValueError(f"invalid JSON schema: {e.message}") from None
-    ignored = _ignored_keyword(schema, "#")
+    ignored = _first_problem(schema, "#", _ignored_keyword)
     if ignored:
-        raise ValueError(f"unsupported JSON schema: '{ignored[0]}' (at {ignored[1]}) cannot be enforced")
+        raise ValueError(f"unsupported JSON schema: {ignored}")
     try:
         return build_regex_from_schema(json.dumps(schema), whitespace_pattern=whitespace)
     except (ValueError, TypeError, RuntimeError) as e:
@@ -84,35 +84,20 @@ def tool_call_regex(tools: list[dict[str, Any]], name: str | None = None) -> str
 
 
 def _gemma_arguments(schema: dict[str, Any], name: str) -> str:
-    problem = _gemma_unwritable(schema, "#")
+    problem = _first_problem(schema, "#", _gemma_unwritable)
     if problem:
         raise ValueError(f"the parameters of '{name}' cannot be written in Gemma 4's call format: {problem}")
     regex = re.sub(r'"(\w+)":', r"\1:", schema_regex(schema, whitespace=""))
     return regex.replace('"', TOOL_MARKERS['<|"|>'])
 
 
-def _gemma_unwritable(schema: Any, path: str) -> str | None:
-    """Why a schema's values could not be parsed back from Gemma 4's format, if they could not:
+def _gemma_unwritable(schema: dict[str, Any], path: str) -> str | None:
+    """Why a (sub)schema's values could not be parsed back from Gemma 4's format, if they could not:
     keys are written bare (so they must be word characters) and objects need named properties."""
-    if isinstance(schema, list):
-        return next((w for i, sub in enumerate(schema) if (w := _gemma_unwritable(sub, f"{path}/{i}"))), None)
-    if not isinstance(schema, dict):
-        return None
     if schema.get("type") == "object" and not schema.get("properties") and path != "#":
         return f"an object without named properties at {path}"
-    for key, value in schema.items():
-        if key in _DATA:
-            continue
-        if key in _NAMED_SCHEMAS and isinstance(value, dict):
-            bad = next((n for n in value if key == "properties" and not re.fullmatch(r"\w+", n)), None)
-            if bad is not None:
-                return f"the property name {bad!r} at {path} is not made of letters, digits and '_'"
-            why = next((w for n, sub in value.items() if (w := _gemma_unwritable(sub, f"{path}/{key}/{n}"))), None)
-        else:
-            why = _gemma_unwritable(value, f"{path}/{key}")
-        if why:
-            return why
-    return None
+    bad = next((n for n in schema.get("properties") or {} if not re.fullmatch(r"\w+", n)), None)
+    return None if bad is None else f"the property name {bad!r} at {path} is not made of letters, digits and '_'"
 
 
 # Keywords outlines-core accepts but does not enforce: a reply could break them, so they are refused.
@@ -124,25 +109,28 @@ _NAMED_SCHEMAS = ("properties", "$defs", "definitions")  # maps of names to sche
 _DATA = ("enum", "const", "default", "examples", "required")  # values, not schemas
 
 
-def _ignored_keyword(schema: Any, path: str) -> tuple[str, str] | None:
-    """The first keyword of ``IGNORED_KEYWORDS`` in ``schema`` and where it is."""
+def _ignored_keyword(schema: dict[str, Any], path: str) -> str | None:
+    keyword = next((k for k in IGNORED_KEYWORDS if k in schema), None)
+    return None if keyword is None else f"'{keyword}' (at {path}) cannot be enforced"
+
+
+def _first_problem(schema: Any, path: str, check) -> str | None:
+    """The first problem ``check(subschema, path)`` finds in ``schema`` or any schema inside it."""
     if isinstance(schema, list):
-        return next((hit for i, sub in enumerate(schema) if (hit := _ignored_keyword(sub, f"{path}/{i}"))), None)
+        return next((w for i, sub in enumerate(schema) if (w := _first_problem(sub, f"{path}/{i}", check))), None)
     if not isinstance(schema, dict):
         return None
-    keyword = next((k for k in IGNORED_KEYWORDS if k in schema), None)
-    if keyword:
-        return keyword, path
+    problem = check(schema, path)
     for key, value in schema.items():
+        if problem:
+            break
         if key in _DATA:
             continue
         if key in _NAMED_SCHEMAS and isinstance(value, dict):
-            hit = next((h for name, sub in value.items() if (h := _ignored_keyword(sub, f"{path}/{key}/{name}"))), None)
+            problem = next((w for n, sub in value.items() if (w := _first_problem(sub, f"{path}/{key}/{n}", check))), None)
         else:
-            hit = _ignored_keyword(value, f"{path}/{key}")
-        if hit:
-            return hit
-    return None
+            problem = _first_problem(value, f"{path}/{key}", check)
+    return problem
 
 
 def token_bytes(tokenizer, markers: bool = False) -> dict[bytes, list[int]]:
