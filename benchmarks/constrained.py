@@ -36,6 +36,12 @@ from mlx_diffgemma import load  # noqa: E402
 from mlx_diffgemma.constrained import Automaton, Guide, automaton_for, schema_regex, token_bytes  # noqa: E402
 from mlx_diffgemma.generate import SeededNoise, denoise_canvas, generate, prefill, resolve_settings  # noqa: E402
 
+SHAPES = {  # the step-cost models: benchmarks/random_checkpoint.py's mid-size one, and a vocabulary-heavy one
+    "mid": {},
+    "vocab": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=64, global_head_dim=128, num_global_key_value_heads=2, num_experts=16,
+                  top_k_experts=4, moe_intermediate_size=256),
+}
 SIX_FIELDS = {  # a realistic extraction schema
     "type": "object",
     "properties": {
@@ -138,11 +144,13 @@ def server_validity(model_dir: Path, count: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--schemas", type=int, default=200)
+    parser.add_argument("--schemas", type=int, default=200, help="random schemas for validity")
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--steps", type=int, default=8, help="denoising steps per canvas in the step-cost runs")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--shape", choices=["mid", "vocab"], default="mid",
+                        help="the step-cost model: the mid-size one, or the vocabulary-heavy shape of issue #18")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
     t = time.perf_counter()
@@ -161,7 +169,7 @@ def main() -> None:
     print("validity", {k: v for k, v in valid.items() if k != "failures"}, valid["failures"], flush=True)
     served = server_validity(tiny, args.schemas)
     print("server", {k: v for k, v in served.items() if k != "failures"}, served["failures"], flush=True)
-    mid = write_random_checkpoint(work / "mid", vocab_size=args.vocab)
+    mid = write_random_checkpoint(work / "mid", vocab_size=args.vocab, **SHAPES[args.shape])
     add_tokenizer(mid, work / "tok")
     model, tokenizer = load(mid)
     cost = step_cost(model, tokenizer, args.steps, args.reps)
