@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -361,16 +361,28 @@ def class_scores(automaton: Automaton, logits: np.ndarray, probs: np.ndarray) ->
     return best, np.maximum(mass, np.exp(best - lse[:, None])), px, lse
 
 
-def viterbi(automaton: Automaton, score: np.ndarray, state: int, end: np.ndarray) -> tuple[np.ndarray, int]:
+def reachable_pairs(automaton: Automaton, state: int, n: int) -> list[np.ndarray]:
+    """Per position, the pairs leaving the states that ``state`` reaches in that many tokens: the
+    same for every step of a canvas, so a ``Guide`` finds them once."""
+    live, states = [], np.array([state])
+    for _ in range(n):
+        live.append(automaton.pairs_from(states))
+        states = np.unique(automaton.pair_dst[live[-1]])
+    return live
+
+
+def viterbi(automaton: Automaton, score: np.ndarray, state: int, end: np.ndarray,
+            live: list[np.ndarray] | None = None) -> tuple[np.ndarray, int]:
     """The class sequence maximizing ``sum(score[i, k_i])`` along an accepted path from ``state``
-    to a state in ``end`` (a bool mask), and the state it ends in."""
+    to a state in ``end`` (a bool mask), and the state it ends in. ``live``: ``reachable_pairs``."""
     a = automaton
     n = score.shape[0]
+    live = live or reachable_pairs(a, state, n)
     pair_score = a.set_scores(score, np.maximum)[:, a.pair_set]
     best = np.full((n + 1, a.num_states), -np.inf)
     best[0, state] = 0.0
     for i in range(n):
-        pairs = a.pairs_from(np.flatnonzero(np.isfinite(best[i])))
+        pairs = live[i]
         np.maximum.at(best[i + 1], a.pair_dst[pairs], best[i, a.pair_src[pairs]] + pair_score[i, pairs])
     final = np.where(end, best[n], -np.inf)
     q = int(final.argmax())
@@ -385,19 +397,18 @@ def viterbi(automaton: Automaton, score: np.ndarray, state: int, end: np.ndarray
     return path, last
 
 
-def forward_backward(automaton: Automaton, mass: np.ndarray, state: int,
-                     end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def forward_backward(automaton: Automaton, mass: np.ndarray, state: int, end: np.ndarray,
+                     live: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Forward weights of accepted paths (``[n + 1, S]``, normalized per position) and each
     position's class marginals (``[n, K]``: the probability that position ``i`` holds a
     token of class ``k``, over accepted canvases)."""
     a = automaton
     n, size = mass.shape[0], a.num_states
     pair_mass = a.set_scores(mass, np.add)[:, a.pair_set]
+    live = live or reachable_pairs(a, state, n)
     alpha = np.zeros((n + 1, size))
     alpha[0, state] = 1.0
-    live = []
     for i in range(n):
-        live.append(a.pairs_from(np.flatnonzero(alpha[i])))
         flow = alpha[i, a.pair_src[live[i]]] * pair_mass[i, live[i]]
         alpha[i + 1] = np.bincount(a.pair_dst[live[i]], flow, minlength=size)
         alpha[i + 1] /= max(alpha[i + 1].sum(), 1e-300)
@@ -485,12 +496,19 @@ class Guide:
     state: int
     positions: int
     tokens_after: int
+    live: list[np.ndarray] = field(default_factory=list, init=False, repr=False)  # reachable_pairs, once
+
+    def _live(self) -> list[np.ndarray]:
+        if not self.live:
+            self.live = reachable_pairs(self.automaton, self.state, self.positions)
+        return self.live
 
     def argmax(self, logits: np.ndarray) -> np.ndarray:
         """The most probable accepted tokens for the counted positions (``logits`` ``[C, V]``)."""
         n = self.positions
         best = np.maximum.reduceat(logits[:n, self.automaton.order], self.automaton.starts, axis=1)
-        path, _ = viterbi(self.automaton, best.astype(np.float64), self.state, end_states(self.automaton, self.tokens_after))
+        path, _ = viterbi(self.automaton, best.astype(np.float64), self.state, end_states(self.automaton, self.tokens_after),
+                          self._live())
         return tokens_in_classes(self.automaton, path, logits[:n], logits[:n], None)
 
     def step(self, logits: np.ndarray, probs: np.ndarray, uniform: np.ndarray,
@@ -501,9 +519,9 @@ class Guide:
         logits, probs = logits[:n], probs[:n]
         end = end_states(a, self.tokens_after)
         best, mass, px, lse = class_scores(a, logits, probs)
-        path, _ = viterbi(a, best, self.state, end)
+        path, _ = viterbi(a, best, self.state, end, self._live())
         argmax = tokens_in_classes(a, path, logits, probs, None)
-        alpha, marginal = forward_backward(a, mass, self.state, end)
+        alpha, marginal = forward_backward(a, mass, self.state, end, self._live())
         entropy = marginal_entropy(marginal, mass, px, lse)
         drawn, rest = sample_path(a, mass, alpha, end, uniform[:n], end_uniform)
         return tokens_in_classes(a, drawn, logits, probs, rest), argmax, entropy

@@ -226,10 +226,15 @@ def _guided_step(guides: Sequence[Guide | None], scaled: mx.array, probs: mx.arr
     """Samples, argmax and entropies with the guided rows' counted positions constrained.
 
     The draw of a sampled canvas's last state takes its uniform number from the step's
-    renoise token at position 0 (the noise gives one uniform number per position).
+    renoise token at position 0 (the noise gives one uniform number per position). When every
+    position of every row is guided, the free samples, argmax and entropies are never
+    evaluated (MLX is lazy): their vocabulary-sized passes are skipped.
     """
     logits, p, u = np.array(scaled), np.array(probs), np.array(uniform)
-    outs = [np.array(samples), np.array(argmax), np.array(entropy)]
+    if all(g is not None and g.positions == scaled.shape[1] for g in guides):
+        outs = [np.empty(samples.shape, dtype=np.int64), np.empty(argmax.shape, dtype=np.int64), np.empty(entropy.shape)]
+    else:
+        outs = [np.array(samples), np.array(argmax), np.array(entropy)]
     for row, guide in enumerate(guides):
         if guide is not None:
             end_uniform = (int(noise_tokens[row, 0].item()) + 0.5) / logits.shape[-1]
