@@ -468,9 +468,9 @@ def _draw(weights: np.ndarray, u: float) -> tuple[int, float]:
     return j, float(np.clip((u * total - low) / width, 0.0, 1.0 - 1e-12)) if width > 0 else 0.5
 
 
-def tokens_in_classes(automaton: Automaton, path: np.ndarray, logits: np.ndarray, probs: np.ndarray,
-                      rest: np.ndarray | None) -> np.ndarray:
-    """Per position a token of its class: drawn by its probability with ``rest``, or the most likely (``rest=None``)."""
+def tokens_in_classes(automaton: Automaton, path: np.ndarray, logits: np.ndarray, probs: np.ndarray | None = None,
+                      rest: np.ndarray | None = None) -> np.ndarray:
+    """Per position a token of its class: drawn by ``probs`` with ``rest``, or the most likely (no ``rest``)."""
     a, out = automaton, np.empty(len(path), dtype=np.int64)
     ends = np.append(a.starts[1:], len(a.order))
     for i, k in enumerate(path):
@@ -478,9 +478,8 @@ def tokens_in_classes(automaton: Automaton, path: np.ndarray, logits: np.ndarray
         if len(members) == 1:
             out[i] = members[0]
             continue
-        p = probs[i, members].astype(np.float64)
-        cdf = np.cumsum(p)
-        if rest is None or not cdf[-1] > 0:
+        cdf = None if rest is None else np.cumsum(probs[i, members].astype(np.float64))
+        if cdf is None or not cdf[-1] > 0:
             out[i] = members[np.argmax(logits[i, members])]
         else:
             out[i] = members[min(int(np.searchsorted(cdf, rest[i] * cdf[-1], side="right")), len(members) - 1)]
@@ -506,10 +505,10 @@ class Guide:
     def argmax(self, logits: np.ndarray) -> np.ndarray:
         """The most probable accepted tokens for the counted positions (``logits`` ``[C, V]``)."""
         n = self.positions
-        best = np.maximum.reduceat(logits[:n, self.automaton.order], self.automaton.starts, axis=1)
+        best = np.maximum.reduceat(np.take(logits[:n], self.automaton.order, axis=1), self.automaton.starts, axis=1)
         path, _ = viterbi(self.automaton, best.astype(np.float64), self.state, end_states(self.automaton, self.tokens_after),
                           self._live())
-        return tokens_in_classes(self.automaton, path, logits[:n], logits[:n], None)
+        return tokens_in_classes(self.automaton, path, logits[:n])
 
     def step(self, logits: np.ndarray, probs: np.ndarray, uniform: np.ndarray,
              end_uniform: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -520,7 +519,7 @@ class Guide:
         end = end_states(a, self.tokens_after)
         best, mass, px, lse = class_scores(a, logits, probs)
         path, _ = viterbi(a, best, self.state, end, self._live())
-        argmax = tokens_in_classes(a, path, logits, probs, None)
+        argmax = tokens_in_classes(a, path, logits)
         alpha, marginal = forward_backward(a, mass, self.state, end, self._live())
         entropy = marginal_entropy(marginal, mass, px, lse)
         drawn, rest = sample_path(a, mass, alpha, end, uniform[:n], end_uniform)
