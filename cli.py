@@ -48,6 +48,10 @@ ScTopK = typer.Option(
     None, "--sc-top-k",
     help="Self-condition on each position's k most likely tokens only (faster on large vocabularies; "
     "not the reference's full softmax, which is the default, 0).")
+FreezeAfter = typer.Option(
+    None, "--freeze-after", metavar="N",
+    help="Approximate, faster as a canvas settles: freeze a position once its accepted token has held for N steps; "
+    "frozen positions are no longer run through the model (default 0, off: the reference re-predicts every position).")
 AdapterPath = typer.Option(None, "--adapter-path", help="LoRA adapters from 'finetune --lora' to apply.")
 Think = typer.Option(
     None, "--think/--no-think", show_default=False,
@@ -205,6 +209,7 @@ def generate(
         False, "--short-final-canvas",
         help="Denoise the last canvas only as long as the tokens still wanted (faster; that canvas differs from the reference)."),
     sc_top_k: Optional[int] = ScTopK,
+    freeze_after: Optional[int] = FreezeAfter,
     adapter_path: Optional[str] = AdapterPath,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     think: Optional[bool] = Think,
@@ -281,7 +286,8 @@ def generate(
         for last in fit_context(stream_generate, DEFAULT_MAX_TOKENS)(
             model_obj, tokenizer, ids, max_tokens, steps=steps, entropy_bound=entropy_bound,
             t_min=t_min, t_max=t_max, canvas_length=canvas_length, seed=seed, short_final_canvas=short_final_canvas,
-            self_conditioning_top_k=sc_top_k, prompt_cache=prompt_cache if prompt_cache_file else None,
+            self_conditioning_top_k=sc_top_k, freeze_after=freeze_after,
+            prompt_cache=prompt_cache if prompt_cache_file else None,
             json_schema=schema, regex=regex, image_features=features, draft=progress is not None,
         ):
             if last.draft is not None:
@@ -435,6 +441,7 @@ def bench(
     canvas_length: Optional[int] = CanvasLength,
     seed: int = typer.Option(0, "--seed", help="Seed for the random prompts and the sampler."),
     sc_top_k: Optional[int] = ScTopK,
+    freeze_after: Optional[int] = FreezeAfter,
     plot: Optional[Path] = typer.Option(
         None, "--plot", help="Also draw how canvases settle and the step time per prompt length (.png, .svg, .pdf); "
         "needs matplotlib (pip install 'mlx-diffgemma[plot]')."),
@@ -465,7 +472,8 @@ def bench(
     model = resolve_model(model)
     model_obj, tokenizer = load_or_fail(model)
     try:
-        settings = resolve_settings(model_obj, steps=steps, canvas_length=canvas_length, self_conditioning_top_k=sc_top_k)
+        settings = resolve_settings(model_obj, steps=steps, canvas_length=canvas_length, self_conditioning_top_k=sc_top_k,
+                                    freeze_after=freeze_after)
         rows, peak = run_bench(model_obj, lengths, max_tokens, settings, sorted(tokenizer.eos_token_ids), seed)
     except ValueError as e:
         fail(str(e))

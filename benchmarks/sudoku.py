@@ -34,11 +34,11 @@ def held_out(count: int, givens: int, n: int, seed: int = HELD_OUT_SEED) -> list
 
 
 def evaluate(model, puzzles: list[list[int]], batch: int = 100, seed: int = 0, clamp: bool = False, rules: bool = False,
-             **settings) -> dict:
+             tries: int = 1, **settings) -> dict:
     attempts, tic = [], time.perf_counter()
     for start in range(0, len(puzzles), batch):
         attempts += sudoku.solve(model, puzzles[start : start + batch], seed=seed + start, clamp=clamp, rules=rules,
-                                 **settings)
+                                 tries=tries, **settings)
     elapsed = time.perf_counter() - tic
     cells = [sum(g == s for g, s in zip(a.grid, sudoku.count_solutions(a.puzzle)[1])) / len(a.grid) for a in attempts]
     return {
@@ -46,8 +46,10 @@ def evaluate(model, puzzles: list[list[int]], batch: int = 100, seed: int = 0, c
         "solved": sum(a.solved for a in attempts),
         "solve_rate": sum(a.solved for a in attempts) / len(attempts),
         "cell_accuracy": float(np.mean(cells)),
-        "steps_per_canvas": float(np.mean([a.steps for a in attempts])),
-        "tokens_per_forward": float(np.mean([(len(a.grid) + 1) / a.steps for a in attempts])),
+        "steps_per_canvas": float(np.sum([a.steps for a in attempts]) / np.sum([a.tries for a in attempts])),
+        "steps_per_puzzle": float(np.mean([a.steps for a in attempts])),
+        "canvases_per_puzzle": float(np.mean([a.tries for a in attempts])),
+        "tokens_per_forward": float(np.mean([(len(a.grid) + 1) * a.tries / a.steps for a in attempts])),
         "seconds_per_puzzle": elapsed / len(attempts),
     }
 
@@ -65,6 +67,10 @@ def main() -> None:
     parser.add_argument("--clamp", action="store_true", help="eval: fix the givens in the canvas")
     parser.add_argument("--rules", action="store_true",
                         help="eval: constrain the canvas to grids that keep the givens and repeat no digit in a row or box")
+    parser.add_argument("--tries", type=int, default=1,
+                        help="eval: denoise a puzzle whose grid is not a valid solution again, up to this many canvases")
+    parser.add_argument("--freeze-after", type=int, default=0,
+                        help="eval: freeze a cell once its accepted digit has held this many steps (0: off)")
     parser.add_argument("--fixed-sc", choices=["one_hot", "model"], default="one_hot",
                         help="eval, with --clamp: what self-conditioning sees at a given")
     parser.add_argument("--json", type=Path, help="eval: also write the results here")
@@ -92,11 +98,11 @@ def main() -> None:
         results = {}
         for level in args.levels.split(","):
             puzzles = held_out(args.count, sudoku.DIFFICULTIES[n][level], n)
-            results[level] = evaluate(model, puzzles, seed=args.seed, clamp=args.clamp, rules=args.rules,
-                                      fixed_self_conditioning=args.fixed_sc)
+            results[level] = evaluate(model, puzzles, seed=args.seed, clamp=args.clamp, rules=args.rules, tries=args.tries,
+                                      fixed_self_conditioning=args.fixed_sc, freeze_after=args.freeze_after)
             print(level, json.dumps(results[level]), flush=True)
         report = {"model": str(args.model or sudoku.MODEL_DIR), "size": n, "puzzles_per_level": args.count, "seed": args.seed,
-                  "clamp": args.clamp, "rules": args.rules, "fixed_self_conditioning": args.fixed_sc,
+                  "clamp": args.clamp, "rules": args.rules, "tries": args.tries, "freeze_after": args.freeze_after, "fixed_self_conditioning": args.fixed_sc,
                   "blas": os.environ.get("LD_PRELOAD", "default"), "results": results}
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))

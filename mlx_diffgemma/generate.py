@@ -24,6 +24,7 @@ from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokeni
 from .cache import DiffusionCache
 from .compiled import compiled_step
 from .constrained import Automaton, Guide, automaton_for, check_length
+from .freezing import Freezer
 from .model import Model
 from .prompt_cache import PromptCache
 from .reply import Markers, Reply, ReplyStream
@@ -149,7 +150,13 @@ def denoise_canvas(
     # sampler's probabilities, so that the vocabulary is not exponentiated again.
     reuse_probs = settings.self_conditioning_top_k == 0 and model.compute_dtype == mx.float32
     # The same step as one compiled graph, where nothing in it reads the host (compiled.py).
-    fast = compiled_step(model, cache, settings, batch_size) if fixed is None and guides is None else None
+    freezer = None
+    if settings.freeze_after:
+        if guides is not None:
+            raise ValueError("frozen positions (freeze_after) cannot be combined with a constraint")
+        freezer = Freezer(shape, settings.freeze_after, len(model.layers))
+    plain = fixed is None and guides is None and freezer is None
+    fast = compiled_step(model, cache, settings, batch_size) if plain else None
     argmax, sc, history = canvas, None, []
     done = mx.zeros((batch_size,), dtype=mx.bool_)
     passes = np.zeros(batch_size, dtype=np.int64)
@@ -158,11 +165,20 @@ def denoise_canvas(
         passes += ~stopped
         # Rows that already stopped keep their argmax, canvas and self-conditioning input;
         # when none has, the previous input is released as soon as the forward has read it.
-        held = sc if stopped.any() else None
+        held = sc if stopped.any() and freezer is None else None  # a frozen row's inputs are never read
         if fast is not None:
             uniform, noise_tokens = noise.step(index, step, shape) if remaining > 1 else (None, None)
             new_canvas, new_argmax, sc, token_entropy = fast(canvas, sc, temperature(remaining, settings), uniform,
                                                              noise_tokens)
+        elif freezer is not None:  # only the open positions: every array below is [B, m, ...]
+            open_index, rows = freezer.next_index()
+            if sc is not None and rows is not None:
+                sc = mx.take_along_axis(sc, rows[..., None], axis=1)
+            logits = model.denoise(canvas, cache, None if reuse_probs else sc, settings.self_conditioning_top_k,
+                                   sc if reuse_probs else None, open_index, freezer.layer_inputs)
+            scaled = logits / temperature(remaining, settings)
+            sc = logits = None
+            new_argmax = clamp(freezer.spread(scaled.argmax(axis=-1), canvas))
         else:
             logits = model.denoise(canvas, cache, None if reuse_probs else sc, settings.self_conditioning_top_k,
                                    sc if reuse_probs else None)
@@ -179,17 +195,23 @@ def denoise_canvas(
         if fast is None:
             uniform, noise_tokens = noise.step(index, step, shape)
             probs, token_entropy = distribution(scaled)
-            samples = sample(probs, uniform)
+            if freezer is None:
+                samples = sample(probs, uniform)
+            else:  # frozen positions keep their token and are certain, as fixed ones
+                samples = freezer.spread(sample(probs, freezer.take(uniform)), canvas)
+                token_entropy = freezer.spread(token_entropy, mx.zeros(shape))
             if guides is not None:
                 samples, new_argmax, token_entropy = _guided_step(guides, scaled, probs, uniform, noise_tokens,
                                                                   samples, new_argmax, token_entropy)
             if free is not None:  # fixed positions are certain: they take nothing from the entropy budget
                 token_entropy = mx.where(free, token_entropy, 0.0)
-            new_canvas = clamp(renoise(samples, accept(token_entropy, settings.entropy_bound), noise_tokens))
+            accepted = accept(token_entropy, settings.entropy_bound)
+            new_canvas = clamp(renoise(samples, accepted, noise_tokens))
             sc = probs if reuse_probs else scaled
             if one_hot is not None:
                 point = one_hot.astype(sc.dtype) if reuse_probs else mx.where(one_hot, 0.0, -mx.inf).astype(sc.dtype)
-                sc = mx.where(free[..., None], sc, point)
+                keep = free if freezer is None else freezer.take(free)
+                sc = mx.where(keep[..., None], sc, point if freezer is None else freezer.take(point))
             del probs, scaled
         if held is not None:
             new_argmax = mx.where(done[:, None], argmax, new_argmax)
@@ -201,6 +223,8 @@ def denoise_canvas(
             mean_entropy = token_entropy.sum(axis=-1) / mx.maximum(free.sum(axis=-1), 1)
         confident = mean_entropy < settings.confidence_threshold
         done = done | (is_stable(history, new_argmax, settings.stability_threshold) & confident)
+        if freezer is not None:
+            freezer.update(accepted, samples, new_argmax, argmax, done)
         history = (history + [new_argmax])[-settings.stability_threshold :] if settings.stability_threshold else []
         canvas, argmax = new_canvas, new_argmax
         del held

@@ -341,8 +341,14 @@ class TransformerBlock(nn.Module):
         self.layer_scalar = mx.ones((1,))
         self.group: mx.distributed.Group | None = None  # set by ``shard``: the MLP and experts hold partial sums
 
-    def __call__(self, x, positions, mask, cache: LayerCache, store: bool, layer_scalar: mx.array) -> mx.array:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, mask, cache, store))
+    def __call__(self, x, positions, mask, cache: LayerCache, store: bool, layer_scalar: mx.array,
+                 full: mx.array | None = None, index: mx.array | None = None) -> mx.array:
+        """``full``/``index``: ``x`` holds only the canvas positions ``index`` (``[B, m, 1]``); attention
+        reads ``full`` (every position's input, stale where frozen) and the rest runs on ``x``."""
+        attended = self.self_attn(self.input_layernorm(x if full is None else full), positions, mask, cache, store)
+        if index is not None:
+            attended = mx.take_along_axis(attended, index, axis=1)
+        x = x + self.post_attention_layernorm(attended)
         dense = self.mlp(self.pre_feedforward_layernorm(x))
         weights, indices = self.router(x)
         routed = self.experts(self.pre_feedforward_layernorm_2(x), weights, indices)
@@ -446,15 +452,23 @@ class Model(nn.Module):
         return h * mx.array(self.args.hidden_size**0.5, dtype=h.dtype)
 
     def _run_layers(self, h, cache: DiffusionCache, causal: bool, store: bool, scalars: list[mx.array], last: int,
-                    blocks: mx.array | None = None):
+                    blocks: mx.array | None = None, open_index: mx.array | None = None,
+                    layer_inputs: list[mx.array | None] | None = None):
         positions, masks = cache.batch_positions, {}
-        for layer, layer_cache, scalar in zip(self.layers[:last], cache.layers, scalars):
+        index = None if open_index is None else open_index[..., None]
+        width = h.shape[1] if layer_inputs is None or layer_inputs[0] is None else layer_inputs[0].shape[1]
+        for i, (layer, layer_cache, scalar) in enumerate(zip(self.layers[:last], cache.layers, scalars)):
             key = (layer_cache.length, layer_cache.window)
             if key not in masks:
-                masks[key] = cache.attention_mask(layer_cache, h.shape[1], causal)
+                masks[key] = cache.attention_mask(layer_cache, width, causal)
                 if blocks is not None:  # new keys of the query's own block, past the cached ones
                     masks[key] = masks[key] | mx.pad(blocks, [(0, 0), (0, 0), (0, 0), (layer_cache.length, 0)])
-            h = layer(h, positions, masks[key], layer_cache, store, scalar)
+            full = None
+            if layer_inputs is not None:
+                full = h if layer_inputs[i] is None else mx.put_along_axis(
+                    layer_inputs[i], mx.broadcast_to(index, h.shape), h, axis=1)
+                layer_inputs[i] = full
+            h = layer(h, positions, masks[key], layer_cache, store, scalar, full, index)
         return h
 
     def encode(self, input_ids: mx.array, cache: DiffusionCache, image_features: mx.array | None = None) -> None:
@@ -493,6 +507,7 @@ class Model(nn.Module):
     def denoise(
         self, canvas_ids: mx.array, cache: DiffusionCache, self_conditioning_logits: mx.array | None = None,
         self_conditioning_top_k: int = 0, self_conditioning_probs: mx.array | None = None,
+        open_index: mx.array | None = None, layer_inputs: list[mx.array | None] | None = None,
     ) -> mx.array:
         """Float32 logits ``[B, C, V]`` for a canvas ``[B, C]`` placed right after the cached prefix.
 
@@ -501,8 +516,17 @@ class Model(nn.Module):
         are mixed (``T*k`` embedding rows instead of a ``T*V`` product). ``self_conditioning_probs``
         may replace the logits with their softmax when the caller already has it. The cache is
         read, never changed.
+
+        Frozen positions (an approximation, not the reference): with ``open_index`` ``[B, m]``
+        (sorted canvas positions; a row may repeat one to fill the width), only those positions
+        run through the layers and get logits (``[B, m, V]``; the self-conditioning inputs are
+        theirs too). ``layer_inputs`` (one entry per layer, ``None`` at first, when every
+        position must be open) keeps every position's input to each layer, updated in place:
+        attention reads it, so the others' keys and values are those of their last run.
         """
         decoder = self.model.decoder
+        if open_index is not None:
+            canvas_ids = mx.take_along_axis(canvas_ids, open_index, axis=1)
         h = self._embed(canvas_ids)
         soft, probs = None, self_conditioning_probs
         if probs is None and self_conditioning_logits is not None:
@@ -520,7 +544,8 @@ class Model(nn.Module):
             soft = soft * mx.array(self.args.hidden_size**0.5, dtype=h.dtype)
         h = decoder.self_conditioning(h, soft)
         scalars = [layer.layer_scalar for layer in self.layers]
-        h = self._run_layers(h, cache, causal=False, store=False, scalars=scalars, last=len(self.layers))
+        h = self._run_layers(h, cache, causal=False, store=False, scalars=scalars, last=len(self.layers),
+                             open_index=open_index, layer_inputs=layer_inputs)
         logits = decoder.embed_tokens.as_linear(decoder.norm(h)).astype(mx.float32)
         cap = self.args.final_logit_softcapping
         return softcap(logits, cap) if cap else logits

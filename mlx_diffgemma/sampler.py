@@ -37,6 +37,11 @@ class DiffusionSettings:
     # Not in the reference (which has no fixed tokens): what self-conditioning sees at a
     # position clamped to a token, "one_hot" of that token or "model" (its own prediction).
     fixed_self_conditioning: str = "one_hot"
+    # Not in the reference (an approximation, off by default): a position whose sample was
+    # accepted and equal to an unchanged argmax for this many steps in a row is frozen: its
+    # token stays, and only the other positions run through the layers and the vocabulary
+    # (the frozen ones' keys and values are those of their last step). 0 is off.
+    freeze_after: int = 0
 
     def __post_init__(self):
         checks = [
@@ -51,6 +56,7 @@ class DiffusionSettings:
             (isinstance(self.self_conditioning_top_k, int) and self.self_conditioning_top_k >= 0,
              "self_conditioning_top_k must be an integer >= 0"),
             (self.fixed_self_conditioning in ("one_hot", "model"), "fixed_self_conditioning must be 'one_hot' or 'model'"),
+            (isinstance(self.freeze_after, int) and self.freeze_after >= 0, "freeze_after must be an integer >= 0"),
         ]
         for ok, message in checks:
             if not ok:

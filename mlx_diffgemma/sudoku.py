@@ -307,8 +307,9 @@ MODEL_DIR = Path(__file__).parent / "sudoku_model"
 class Attempt:
     puzzle: list[int]
     grid: list[int]  # the committed canvas as a grid
-    steps: int  # denoising steps until the canvas stopped
+    steps: int  # denoising steps until the canvas stopped, summed over tries
     solved: bool
+    tries: int = 1  # canvases denoised for this puzzle
 
 
 def rule_automaton(puzzle: list[int], vocab_size: int):
@@ -388,12 +389,35 @@ def solve_stream(model, puzzles: list[list[int]], seed: int = 0, clamp: bool = F
             return
 
 
+RETRY_SEED_STRIDE = 1_000_003  # try t of a puzzle draws from seed + t * stride: no stream is reused
+
+
 def solve(model, puzzles: list[list[int]], seed: int = 0, clamp: bool = False, rules: bool = False,
-          **settings: Any) -> list[Attempt]:
-    for event in solve_stream(model, puzzles, seed, clamp, rules, **settings):
-        if isinstance(event, list):
-            return event
-    raise RuntimeError("generation ended without a canvas")
+          tries: int = 1, **settings: Any) -> list[Attempt]:
+    """Solve a batch of puzzles (see ``solve_stream``). With ``tries`` above 1, a puzzle whose
+    grid is not a valid solution is denoised again from fresh noise, up to ``tries`` canvases
+    in all: a grid is checked in microseconds, so a wrong one need not be kept."""
+    if tries < 1:
+        raise ValueError(f"tries must be at least 1 (got {tries})")
+    attempts: list[Attempt | None] = [None] * len(puzzles)
+    todo = list(range(len(puzzles)))
+    for t in range(tries):
+        batch = [puzzles[i] for i in todo]
+        result = None
+        for event in solve_stream(model, batch, seed + t * RETRY_SEED_STRIDE, clamp, rules, **settings):
+            if isinstance(event, list):
+                result = event
+        if result is None:
+            raise RuntimeError("generation ended without a canvas")
+        for i, new in zip(todo, result):
+            old = attempts[i]
+            if old is not None:
+                new.steps, new.tries = new.steps + old.steps, old.tries + 1
+            attempts[i] = new
+        todo = [i for i in todo if not attempts[i].solved]
+        if not todo:
+            break
+    return attempts
 
 
 def load_model(path: Path | None = None):

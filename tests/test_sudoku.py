@@ -125,3 +125,23 @@ def test_rule_constrained_attempts_keep_givens_and_repeat_no_digit_in_rows_or_bo
         rows = [grid[r * 6 : r * 6 + 6] for r in range(6)]
         boxes = [[grid[(br + i) * 6 + bc + j] for i in range(2) for j in range(3)] for br in (0, 2, 4) for bc in (0, 3)]
         assert all(sorted(unit) == [1, 2, 3, 4, 5, 6] for unit in rows + boxes)
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the built-in Sudoku model is not shipped")
+def test_tries_denoise_only_the_unsolved_puzzles_again():
+    model = sudoku.load_model()
+    n = sudoku.grid_size(model)
+    rng = random.Random(77)
+    puzzles = [sudoku.generate_puzzle(sudoku.DIFFICULTIES[n]["hard"], rng, n)[0] for _ in range(20)]
+    once = sudoku.solve(model, puzzles, seed=0)
+    thrice = sudoku.solve(model, puzzles, seed=0, tries=3)
+    assert not all(a.solved for a in once)  # hard puzzles: some fail at the first try
+    for a, b in zip(once, thrice):
+        if a.solved:  # the first try is the same canvas; a solved puzzle is not tried again
+            assert (b.grid, b.steps, b.tries) == (a.grid, a.steps, 1)
+        else:
+            assert b.tries >= 2 and b.steps > a.steps
+            assert b.solved or b.tries == 3
+    assert sum(b.solved for b in thrice) > sum(a.solved for a in once)
+    with pytest.raises(ValueError, match="tries must be at least 1"):
+        sudoku.solve(model, puzzles, tries=0)
