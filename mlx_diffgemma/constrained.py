@@ -20,8 +20,10 @@ EOS. The committed canvas advances the automaton's state for the next one.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -350,15 +352,37 @@ def class_scores(automaton: Automaton, logits: np.ndarray, probs: np.ndarray) ->
 
     ``logits``/``probs`` are one row's ``[n, V]`` scaled logits and their softmax. A class
     whose float32 mass underflows to zero still weighs ``exp(max logit - logsumexp)``.
+    The positions are split between threads: numpy's gathers and reductions release the GIL,
+    and the cores are otherwise idle while the host reads a step's logits.
     """
-    lse = logits.max(axis=1) - np.log(probs.max(axis=1))
-    x = np.take(logits, automaton.order, axis=1)
-    p = np.exp(x - lse[:, None])  # the softmax in class order: cheaper than gathering it
-    best = np.maximum.reduceat(x, automaton.starts, axis=1).astype(np.float64)
-    mass = np.add.reduceat(p, automaton.starts, axis=1).astype(np.float64)
-    px = np.add.reduceat(p * x, automaton.starts, axis=1).astype(np.float64)
-    lse = lse.astype(np.float64)
+    n = logits.shape[0]
+    best = np.empty((n, automaton.num_classes))
+    mass, px = np.empty_like(best), np.empty_like(best)
+    lse = (logits.max(axis=1) - np.log(probs.max(axis=1))).astype(np.float64)
+
+    def part(rows: slice) -> None:
+        x = np.take(logits[rows], automaton.order, axis=1)
+        p = np.exp(x - lse[rows, None].astype(np.float32))  # the softmax in class order: cheaper than gathering it
+        best[rows] = np.maximum.reduceat(x, automaton.starts, axis=1)
+        mass[rows] = np.add.reduceat(p, automaton.starts, axis=1)
+        px[rows] = np.add.reduceat(p * x, automaton.starts, axis=1)
+
+    chunks = [slice(i, i + _CHUNK) for i in range(0, n, _CHUNK)]
+    if len(chunks) == 1:
+        part(chunks[0])
+    else:
+        list(_pool().map(part, chunks))
     return best, np.maximum(mass, np.exp(best - lse[:, None])), px, lse
+
+
+_CHUNK = 32  # positions per thread task
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="class-scores"))
+    return _POOL[0]
 
 
 def reachable_pairs(automaton: Automaton, state: int, n: int) -> list[np.ndarray]:
