@@ -28,6 +28,7 @@ class Freezer:
         self.layer_inputs: list[mx.array | None] = [None] * num_layers
         self.index_np = np.broadcast_to(np.arange(shape[1]), shape).copy()
         self.index = mx.array(self.index_np)
+        self.has_open = mx.ones((shape[0], 1), dtype=mx.bool_)
         self.open_positions = 0  # summed over steps and rows: the positions that ran
 
     def next_index(self) -> tuple[mx.array, mx.array | None]:
@@ -43,6 +44,7 @@ class Freezer:
                 index[row, : len(positions)] = positions
                 index[row, len(positions) :] = positions[-1]
         self.open_positions += int(open_.sum())
+        self.has_open = mx.array(open_.any(axis=1, keepdims=True))
         if index.shape == self.index_np.shape and (index == self.index_np).all():
             return self.index, None
         rows = np.stack([np.minimum(np.searchsorted(old, new), len(old) - 1) for old, new in zip(self.index_np, index)])
@@ -50,8 +52,14 @@ class Freezer:
         return self.index, mx.array(rows)
 
     def spread(self, values: mx.array, default: mx.array) -> mx.array:
-        """``[B, m]`` values of the open positions written over ``default`` ``[B, C]``."""
-        return mx.put_along_axis(default, self.index, values.astype(default.dtype), axis=1)
+        """``[B, m]`` values of the open positions written over ``default`` ``[B, C]`` (a row
+        with none left ran a stand-in position: it keeps ``default``)."""
+        values = mx.where(self.has_open, values.astype(default.dtype), self.take(default))
+        return mx.put_along_axis(default, self.index, values, axis=1)
+
+    def open_mask(self) -> mx.array:
+        """``[B, C]``: the positions not frozen at this step."""
+        return mx.array(~self.frozen)
 
     def take(self, values: mx.array) -> mx.array:
         """The open positions of ``[B, C, ...]`` values."""

@@ -165,7 +165,7 @@ def denoise_canvas(
         passes += ~stopped
         # Rows that already stopped keep their argmax, canvas and self-conditioning input;
         # when none has, the previous input is released as soon as the forward has read it.
-        held = sc if stopped.any() and freezer is None else None  # a frozen row's inputs are never read
+        held = sc if stopped.any() and freezer is None else None  # a stopped row's open positions: none
         if fast is not None:
             uniform, noise_tokens = noise.step(index, step, shape) if remaining > 1 else (None, None)
             new_canvas, new_argmax, sc, token_entropy = fast(canvas, sc, temperature(remaining, settings), uniform,
@@ -178,7 +178,7 @@ def denoise_canvas(
                                    sc if reuse_probs else None, open_index, freezer.layer_inputs)
             scaled = logits / temperature(remaining, settings)
             sc = logits = None
-            new_argmax = clamp(freezer.spread(scaled.argmax(axis=-1), canvas))
+            new_argmax = clamp(freezer.spread(scaled.argmax(axis=-1), argmax))  # frozen: their token, argmax then
         else:
             logits = model.denoise(canvas, cache, None if reuse_probs else sc, settings.self_conditioning_top_k,
                                    sc if reuse_probs else None)
@@ -188,7 +188,7 @@ def denoise_canvas(
         if remaining == 1:  # the last step: only its argmax is committed, nothing else is used
             if guides is not None:
                 new_argmax = _guided_argmax(guides, scaled, new_argmax)
-            argmax = new_argmax if held is None else mx.where(done[:, None], argmax, new_argmax)
+            argmax = mx.where(done[:, None], argmax, new_argmax) if stopped.any() else new_argmax
             mx.eval(argmax)
             yield Draft(step=step + 1, tokens=argmax)
             break
@@ -213,14 +213,18 @@ def denoise_canvas(
                 keep = free if freezer is None else freezer.take(free)
                 sc = mx.where(keep[..., None], sc, point if freezer is None else freezer.take(point))
             del probs, scaled
-        if held is not None:
+        if stopped.any():
             new_argmax = mx.where(done[:, None], argmax, new_argmax)
             new_canvas = mx.where(done[:, None], canvas, new_canvas)
+        if held is not None:
             sc = mx.where(done[:, None, None], held, sc)
-        if free is None:
+        counted = free  # the positions the stopping rule averages over: not fixed, not frozen
+        if freezer is not None:
+            counted = freezer.open_mask() if free is None else free & freezer.open_mask()
+        if counted is None:
             mean_entropy = token_entropy.mean(axis=-1)
         else:
-            mean_entropy = token_entropy.sum(axis=-1) / mx.maximum(free.sum(axis=-1), 1)
+            mean_entropy = token_entropy.sum(axis=-1) / mx.maximum(counted.sum(axis=-1), 1)
         confident = mean_entropy < settings.confidence_threshold
         done = done | (is_stable(history, new_argmax, settings.stability_threshold) & confident)
         if freezer is not None:

@@ -312,13 +312,15 @@ class Attention(nn.Module):
         k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), offset=positions)
         return k, rms_norm(v, self.eps).transpose(0, 2, 1, 3)
 
-    def __call__(self, x: mx.array, positions, mask: mx.array | None, cache: LayerCache, store: bool) -> mx.array:
+    def __call__(self, x: mx.array, positions, mask: mx.array | None, cache: LayerCache, store: bool,
+                 index: mx.array | None = None) -> mx.array:
+        """``index`` ``[B, m, 1]``: the output only for those query positions."""
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
         q = self.rope(q, offset=positions)
         k, v = cache.extend(*self.keys_values(x, positions), store)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask).transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(out if index is None else mx.take_along_axis(out, index, axis=1))
 
 
 class TransformerBlock(nn.Module):
@@ -345,9 +347,7 @@ class TransformerBlock(nn.Module):
                  full: mx.array | None = None, index: mx.array | None = None) -> mx.array:
         """``full``/``index``: ``x`` holds only the canvas positions ``index`` (``[B, m, 1]``); attention
         reads ``full`` (every position's input, stale where frozen) and the rest runs on ``x``."""
-        attended = self.self_attn(self.input_layernorm(x if full is None else full), positions, mask, cache, store)
-        if index is not None:
-            attended = mx.take_along_axis(attended, index, axis=1)
+        attended = self.self_attn(self.input_layernorm(x if full is None else full), positions, mask, cache, store, index)
         x = x + self.post_attention_layernorm(attended)
         dense = self.mlp(self.pre_feedforward_layernorm(x))
         weights, indices = self.router(x)
@@ -526,6 +526,8 @@ class Model(nn.Module):
         """
         decoder = self.model.decoder
         if open_index is not None:
+            if layer_inputs is None or (layer_inputs[0] is None and open_index.shape[1] != canvas_ids.shape[1]):
+                raise ValueError("open_index needs layer_inputs, and a first pass that runs every canvas position")
             canvas_ids = mx.take_along_axis(canvas_ids, open_index, axis=1)
         h = self._embed(canvas_ids)
         soft, probs = None, self_conditioning_probs

@@ -97,3 +97,22 @@ def test_frozen_sudoku_grids_keep_every_given_and_mostly_solve():
     puzzles = [sudoku.generate_puzzle(sudoku.DIFFICULTIES[n]["easy"], rng, n)[0] for _ in range(20)]
     attempts = sudoku.solve(model, puzzles, seed=0, freeze_after=2)
     assert sum(a.solved for a in attempts) >= 14
+
+
+@pytest.mark.skipif(not (sudoku.MODEL_DIR / "model.safetensors").exists(), reason="the built-in Sudoku model is not shipped")
+def test_a_row_of_a_batch_solves_as_it_does_alone_while_others_stop_earlier():
+    """Rows stop at different steps and freeze at different rates; each one's grid and step
+    count are those it gets alone with its seed (row ``r`` of a batch seeded 0 draws seed ``r``).
+    A loose stopping rule stops rows while part of their canvas is still noise."""
+    import random
+
+    model = sudoku.load_model()
+    n = sudoku.grid_size(model)
+    rng = random.Random(9)
+    puzzles = [sudoku.generate_puzzle(sudoku.DIFFICULTIES[n][level], rng, n)[0] for level in ("easy", "hard", "medium", "hard")]
+    settings = dict(freeze_after=2, confidence_threshold=0.5)
+    batch = sudoku.solve(model, puzzles, seed=0, **settings)
+    assert len({a.steps for a in batch}) > 1
+    for row, puzzle in enumerate(puzzles):
+        [alone] = sudoku.solve(model, [puzzle], seed=row, **settings)
+        assert (batch[row].grid, batch[row].steps) == (alone.grid, alone.steps)
