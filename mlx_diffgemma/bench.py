@@ -31,20 +31,14 @@ class BenchRow:
     settling: list[list[float]] = field(default_factory=list)
 
 
-def _attention_input_macs(args: ModelArgs, i: int) -> int:
-    """Multiply-adds of block ``i``'s q and k projections per token (and v on sliding layers;
-    full-attention layers reuse k as v)."""
+def _block_macs(args: ModelArgs, i: int) -> int:
+    """Multiply-adds of block ``i`` per token, attention scores aside: q, k (v on sliding layers;
+    full-attention layers reuse k as v), o; the dense MLP; the router; the top-k experts."""
     H, nH = args.hidden_size, args.num_attention_heads
     D, kv = args.layer_head_dims[i], args.layer_kv_heads[i]
-    return H * nH * D + H * kv * D * (2 if args.layer_types[i] == "sliding_attention" else 1)
-
-
-def _block_macs(args: ModelArgs, i: int) -> int:
-    """Multiply-adds of block ``i`` per token, attention scores aside: q, k, v, o; the dense
-    MLP; the router; the top-k experts."""
-    H = args.hidden_size
-    rest = H * args.num_attention_heads * args.layer_head_dims[i] + 3 * H * args.intermediate_size + H * args.num_experts
-    return _attention_input_macs(args, i) + rest + args.top_k_experts * 3 * H * args.moe_intermediate_size
+    sliding = args.layer_types[i] == "sliding_attention"
+    attention = H * nH * D * 2 + H * kv * D * (2 if sliding else 1)
+    return attention + 3 * H * args.intermediate_size + H * args.num_experts + args.top_k_experts * 3 * H * args.moe_intermediate_size
 
 
 def denoise_flops(args: ModelArgs, prefix: int, canvas: int, self_conditioning: bool = True,
@@ -52,21 +46,17 @@ def denoise_flops(args: ModelArgs, prefix: int, canvas: int, self_conditioning: 
     """Floating-point operations (2 per multiply-add) of one denoiser pass over ``canvas`` tokens
     after ``prefix`` cached ones: the blocks, attention over [visible prefix + canvas], the LM
     head, and self-conditioning (softmax @ embedding table, and its MLP) unless it is the first step.
-
-    With frozen positions, only ``open_positions`` of the canvas go through everything; every
-    position still gets its q, k, v and attention (``Model.denoise``'s ``open_index``)."""
+    With frozen positions, only ``open_positions`` of the canvas run (their queries still see
+    every key)."""
     H, V, nH = args.hidden_size, args.vocab_size, args.num_attention_heads
-    every, open_only = 0, 0
+    per_token = 0
     for i, kind in enumerate(args.layer_types):
         visible = (min(prefix, args.sliding_window - 1) if kind == "sliding_attention" else prefix) + canvas
-        attention = _attention_input_macs(args, i) + 2 * nH * args.layer_head_dims[i] * visible  # scores and values
-        every += attention
-        open_only += _block_macs(args, i) - _attention_input_macs(args, i)
-    open_only += H * V
+        per_token += _block_macs(args, i) + 2 * nH * args.layer_head_dims[i] * visible  # scores and values
+    per_token += H * V
     if self_conditioning:
-        open_only += H * V + 3 * H * args.intermediate_size
-    open_ = canvas if open_positions is None else open_positions
-    return 2.0 * (every * canvas + open_only * open_)
+        per_token += H * V + 3 * H * args.intermediate_size
+    return 2.0 * per_token * (canvas if open_positions is None else open_positions)
 
 
 def prefill_flops(args: ModelArgs, prompt: int) -> float:

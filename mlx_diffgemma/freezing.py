@@ -3,8 +3,8 @@
 Once a position's accepted sample has equalled an unchanged argmax for
 ``settings.freeze_after`` steps in a row, it is frozen: its token stays in the canvas, and
 from then on it is neither run through the layers nor given logits. Attention still reads
-it, through the inputs it had to each layer at its last step (``Model.denoise``'s
-``layer_inputs``), so its keys and values go stale. The reference re-predicts every position
+its keys and values from its last step (``Model.denoise``'s ``canvas_keys_values``), so
+they go stale. The reference re-predicts every position
 at every step; this trades that for fewer FLOPs per step as a canvas settles. Its quality is
 measured on the Sudoku model (benchmarks/SUDOKU.md).
 
@@ -19,13 +19,13 @@ import numpy as np
 
 
 class Freezer:
-    """The frozen positions of one canvas batch and the stale layer inputs they keep."""
+    """The frozen positions of one canvas batch and the canvas keys and values they keep."""
 
     def __init__(self, shape: tuple[int, int], freeze_after: int, num_layers: int):
         self.freeze_after = freeze_after
         self.frozen = np.zeros(shape, dtype=bool)
         self.streak = np.zeros(shape, dtype=np.int64)
-        self.layer_inputs: list[mx.array | None] = [None] * num_layers
+        self.keys_values: list[tuple[mx.array, mx.array] | None] = [None] * num_layers
         self.index_np = np.broadcast_to(np.arange(shape[1]), shape).copy()
         self.index = mx.array(self.index_np)
         self.has_open = mx.ones((shape[0], 1), dtype=mx.bool_)

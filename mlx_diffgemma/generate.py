@@ -175,7 +175,7 @@ def denoise_canvas(
             if sc is not None and rows is not None:
                 sc = mx.take_along_axis(sc, rows[..., None], axis=1)
             logits = model.denoise(canvas, cache, None if reuse_probs else sc, settings.self_conditioning_top_k,
-                                   sc if reuse_probs else None, open_index, freezer.layer_inputs)
+                                   sc if reuse_probs else None, open_index, freezer.keys_values)
             scaled = logits / temperature(remaining, settings)
             sc = logits = None
             new_argmax = clamp(freezer.spread(scaled.argmax(axis=-1), argmax))  # frozen: their token, argmax then

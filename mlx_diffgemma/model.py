@@ -290,6 +290,7 @@ class Experts(nn.Module):
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.is_sliding = args.layer_types[layer_idx] == "sliding_attention"
         self.head_dim = head_dim = args.layer_head_dims[layer_idx]
         self.n_heads, self.n_kv_heads = args.num_attention_heads, args.layer_kv_heads[layer_idx]
@@ -306,21 +307,60 @@ class Attention(nn.Module):
         self.rope = initialize_rope(head_dim, rope["rope_theta"], False, rope)
 
     def keys_values(self, x: mx.array, positions) -> tuple[mx.array, mx.array]:
+        keys, values = self._keys_values(x)
+        return self.rope(keys, offset=positions), values
+
+    def _keys_values(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """Normalized keys (before RoPE) and values, ``[B, kv_heads, L, D]``."""
         B, L, _ = x.shape
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1) if self.is_sliding else k
-        k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), offset=positions)
-        return k, rms_norm(v, self.eps).transpose(0, 2, 1, 3)
+        return self.k_norm(k).transpose(0, 2, 1, 3), rms_norm(v, self.eps).transpose(0, 2, 1, 3)
 
     def __call__(self, x: mx.array, positions, mask: mx.array | None, cache: LayerCache, store: bool,
-                 index: mx.array | None = None) -> mx.array:
-        """``index`` ``[B, m, 1]``: the output only for those query positions."""
+                 open_positions: "OpenPositions | None" = None) -> mx.array:
+        """With ``open_positions``, ``x`` holds only the open canvas positions: their queries attend
+        over every canvas position's keys and values, the frozen ones' kept from their last run."""
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
-        q = self.rope(q, offset=positions)
-        k, v = cache.extend(*self.keys_values(x, positions), store)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask).transpose(0, 2, 1, 3).reshape(B, L, -1)
-        return self.o_proj(out if index is None else mx.take_along_axis(out, index, axis=1))
+        keys, values = self._keys_values(x)
+        if open_positions is None:
+            q = self.rope(q, offset=positions)
+        else:
+            keys, values = open_positions.canvas_keys_values(self.layer_idx, keys, values)
+            q = open_positions.take(self.rope(open_positions.spread(q), offset=positions))
+            mask = None if mask is None else mask[:, :, :1]  # canvas queries all see the same keys
+        k, v = cache.extend(self.rope(keys, offset=positions), values, store)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class OpenPositions:
+    """One denoiser call over the open positions of a canvas (frozen positions, ``freezing.py``):
+    ``index`` ``[B, m]`` (sorted; a row may repeat one to fill the width) of a canvas of ``width``,
+    and per layer the canvas's keys (before RoPE) and values from each position's last run,
+    updated in place in ``keys_values`` (``None`` before the first call, which runs every position)."""
+
+    def __init__(self, index: mx.array, width: int, keys_values: list[tuple[mx.array, mx.array] | None]):
+        self.index, self.width, self.keys_values = index, width, keys_values
+        self._heads_index = index[:, None, :, None]
+
+    def canvas_keys_values(self, layer: int, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        kept = self.keys_values[layer]
+        if kept is not None:
+            where = mx.broadcast_to(self._heads_index, keys.shape)
+            keys, values = mx.put_along_axis(kept[0], where, keys, axis=2), mx.put_along_axis(kept[1], where, values, axis=2)
+        self.keys_values[layer] = keys, values
+        return keys, values
+
+    def spread(self, q: mx.array) -> mx.array:
+        """``[B, H, m, D]`` queries placed at their canvas positions (zeros elsewhere), for RoPE."""
+        B, H, _, D = q.shape
+        return mx.put_along_axis(mx.zeros((B, H, self.width, D), dtype=q.dtype),
+                                 mx.broadcast_to(self._heads_index, q.shape), q, axis=2)
+
+    def take(self, q: mx.array) -> mx.array:
+        return mx.take_along_axis(q, self._heads_index, axis=2)
 
 
 class TransformerBlock(nn.Module):
@@ -344,11 +384,9 @@ class TransformerBlock(nn.Module):
         self.group: mx.distributed.Group | None = None  # set by ``shard``: the MLP and experts hold partial sums
 
     def __call__(self, x, positions, mask, cache: LayerCache, store: bool, layer_scalar: mx.array,
-                 full: mx.array | None = None, index: mx.array | None = None) -> mx.array:
-        """``full``/``index``: ``x`` holds only the canvas positions ``index`` (``[B, m, 1]``); attention
-        reads ``full`` (every position's input, stale where frozen) and the rest runs on ``x``."""
-        attended = self.self_attn(self.input_layernorm(x if full is None else full), positions, mask, cache, store, index)
-        x = x + self.post_attention_layernorm(attended)
+                 open_positions: OpenPositions | None = None) -> mx.array:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, mask, cache, store,
+                                                             open_positions))
         dense = self.mlp(self.pre_feedforward_layernorm(x))
         weights, indices = self.router(x)
         routed = self.experts(self.pre_feedforward_layernorm_2(x), weights, indices)
@@ -452,23 +490,16 @@ class Model(nn.Module):
         return h * mx.array(self.args.hidden_size**0.5, dtype=h.dtype)
 
     def _run_layers(self, h, cache: DiffusionCache, causal: bool, store: bool, scalars: list[mx.array], last: int,
-                    blocks: mx.array | None = None, open_index: mx.array | None = None,
-                    layer_inputs: list[mx.array | None] | None = None):
+                    blocks: mx.array | None = None, open_positions: OpenPositions | None = None):
         positions, masks = cache.batch_positions, {}
-        index = None if open_index is None else open_index[..., None]
-        width = h.shape[1] if layer_inputs is None or layer_inputs[0] is None else layer_inputs[0].shape[1]
-        for i, (layer, layer_cache, scalar) in enumerate(zip(self.layers[:last], cache.layers, scalars)):
+        width = h.shape[1] if open_positions is None else open_positions.width
+        for layer, layer_cache, scalar in zip(self.layers[:last], cache.layers, scalars):
             key = (layer_cache.length, layer_cache.window)
             if key not in masks:
                 masks[key] = cache.attention_mask(layer_cache, width, causal)
                 if blocks is not None:  # new keys of the query's own block, past the cached ones
                     masks[key] = masks[key] | mx.pad(blocks, [(0, 0), (0, 0), (0, 0), (layer_cache.length, 0)])
-            full = None
-            if layer_inputs is not None:
-                full = h if layer_inputs[i] is None else mx.put_along_axis(
-                    layer_inputs[i], mx.broadcast_to(index, h.shape), h, axis=1)
-                layer_inputs[i] = full
-            h = layer(h, positions, masks[key], layer_cache, store, scalar, full, index)
+            h = layer(h, positions, masks[key], layer_cache, store, scalar, open_positions)
         return h
 
     def encode(self, input_ids: mx.array, cache: DiffusionCache, image_features: mx.array | None = None) -> None:
@@ -507,7 +538,7 @@ class Model(nn.Module):
     def denoise(
         self, canvas_ids: mx.array, cache: DiffusionCache, self_conditioning_logits: mx.array | None = None,
         self_conditioning_top_k: int = 0, self_conditioning_probs: mx.array | None = None,
-        open_index: mx.array | None = None, layer_inputs: list[mx.array | None] | None = None,
+        open_index: mx.array | None = None, canvas_keys_values: list[tuple[mx.array, mx.array] | None] | None = None,
     ) -> mx.array:
         """Float32 logits ``[B, C, V]`` for a canvas ``[B, C]`` placed right after the cached prefix.
 
@@ -520,14 +551,17 @@ class Model(nn.Module):
         Frozen positions (an approximation, not the reference): with ``open_index`` ``[B, m]``
         (sorted canvas positions; a row may repeat one to fill the width), only those positions
         run through the layers and get logits (``[B, m, V]``; the self-conditioning inputs are
-        theirs too). ``layer_inputs`` (one entry per layer, ``None`` at first, when every
-        position must be open) keeps every position's input to each layer, updated in place:
-        attention reads it, so the others' keys and values are those of their last run.
+        theirs too). ``canvas_keys_values`` (one entry per layer, ``None`` at first, when every
+        position must be open) keeps each layer's canvas keys and values, updated in place:
+        the other positions are attended with those of their last run.
         """
         decoder = self.model.decoder
+        open_positions = None
         if open_index is not None:
-            if layer_inputs is None or (layer_inputs[0] is None and open_index.shape[1] != canvas_ids.shape[1]):
-                raise ValueError("open_index needs layer_inputs, and a first pass that runs every canvas position")
+            first = canvas_keys_values is not None and canvas_keys_values[0] is None
+            if canvas_keys_values is None or (first and open_index.shape[1] != canvas_ids.shape[1]):
+                raise ValueError("open_index needs canvas_keys_values, and a first pass that runs every canvas position")
+            open_positions = OpenPositions(open_index, canvas_ids.shape[1], canvas_keys_values)
             canvas_ids = mx.take_along_axis(canvas_ids, open_index, axis=1)
         h = self._embed(canvas_ids)
         soft, probs = None, self_conditioning_probs
@@ -547,7 +581,7 @@ class Model(nn.Module):
         h = decoder.self_conditioning(h, soft)
         scalars = [layer.layer_scalar for layer in self.layers]
         h = self._run_layers(h, cache, causal=False, store=False, scalars=scalars, last=len(self.layers),
-                             open_index=open_index, layer_inputs=layer_inputs)
+                             open_positions=open_positions)
         logits = decoder.embed_tokens.as_linear(decoder.norm(h)).astype(mx.float32)
         cap = self.args.final_logit_softcapping
         return softcap(logits, cap) if cap else logits

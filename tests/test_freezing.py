@@ -29,10 +29,10 @@ def test_open_positions_get_the_logits_the_whole_canvas_gives_them(loaded):
     prefill(model, mx.array([[2, 10, 11, 12, 13], [2, 14, 15, 16, 17]]), cache)
     canvas = mx.array([[20 + i for i in range(16)]] * 2)
     inputs = [None] * len(model.layers)
-    full = model.denoise(canvas, cache, open_index=mx.array([list(range(16))] * 2), layer_inputs=inputs)
+    full = model.denoise(canvas, cache, open_index=mx.array([list(range(16))] * 2), canvas_keys_values=inputs)
     assert np.allclose(np.array(full), np.array(model.denoise(canvas, cache)), atol=1e-5)
     subset = mx.array([[1, 4, 5, 15], [0, 2, 2, 2]])  # the second row repeats its last to fill the width
-    part = model.denoise(canvas, cache, open_index=subset, layer_inputs=inputs)
+    part = model.denoise(canvas, cache, open_index=subset, canvas_keys_values=inputs)
     expected = np.take_along_axis(np.array(full), np.array(subset)[..., None], axis=1)
     assert part.shape == (2, 4, model.args.vocab_size)
     assert np.allclose(np.array(part), expected, atol=1e-5)
