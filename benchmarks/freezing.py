@@ -7,6 +7,9 @@ For each setting (0 = off, the reference) and level: the solve rate on the held-
 as ``sudoku.py eval``), the canvas positions the denoiser ran per step, the FLOPs of a canvas on paper (``bench.denoise_flops``), and
 the wall time of one puzzle at a time (batch 1, where a row's frozen positions are all saved),
 the settings alternated puzzle by puzzle so that they share the machine's state.
+
+With ``--shapes mid vocab``: the time of a 256-position canvas on random models of the mid-size
+and vocabulary-heavy shapes instead, off against frozen (``shape_timing``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,46 @@ from sudoku import held_out  # noqa: E402  (benchmarks/sudoku.py)
 
 from mlx_diffgemma import sudoku  # noqa: E402
 from mlx_diffgemma.bench import denoise_flops  # noqa: E402
+
+
+def shape_timing(shape: str, canvases: int, steps: int, freeze_after: int) -> dict:
+    """One 256-position canvas on a random model of ``compiled_step.SHAPES[shape]``, off and frozen
+    alternated: seconds per canvas and positions run. A random model never settles at the default
+    temperatures, so both run at temperature 0.02, where its argmax holds and positions freeze, and
+    every step runs (no early stop): this times the mechanism, not a quality setting."""
+    import tempfile
+
+    import mlx.core as mx
+
+    from compiled_step import SHAPES
+    from random_checkpoint import write_random_checkpoint
+
+    from mlx_diffgemma.generate import SeededNoise, denoise_canvas, prefill, resolve_settings
+    from mlx_diffgemma.utils import load_model
+
+    config, prompt = SHAPES[shape]
+    model = load_model(write_random_checkpoint(Path(tempfile.mkdtemp()), **config))
+    counter = Counter(model)
+    ids = mx.array([[(7 * i) % model.args.vocab_size for i in range(prompt)]])
+    seconds, positions = {0: [], freeze_after: []}, {0: 0, freeze_after: 0}
+    for rep in range(canvases + 1):
+        for k in (0, freeze_after):
+            settings = resolve_settings(model, steps=steps, t_max=0.02, t_min=0.02, confidence_threshold=1e-12,
+                                        freeze_after=k)
+            cache = model.make_cache()
+            prefill(model, ids, cache)
+            before, tic = counter.positions, time.perf_counter()
+            for _ in denoise_canvas(model, cache, 0, 1, settings, SeededNoise(model.args.vocab_size, rep)):
+                pass
+            if rep:  # the first round warms up
+                seconds[k].append(time.perf_counter() - tic)
+                positions[k] += counter.positions - before
+    off, on = sorted(seconds[0])[len(seconds[0]) // 2], sorted(seconds[freeze_after])[len(seconds[freeze_after]) // 2]
+    open_per_step = positions[freeze_after] / (canvases * steps)
+    flops = {k: sum(denoise_flops(model.args, prompt, 256, self_conditioning=s > 0,
+                                  open_positions=256 if k == 0 else open_per_step) for s in range(steps)) for k in (0, freeze_after)}
+    return {"shape": shape, "steps": steps, "seconds_off": off, "seconds_frozen": on, "time_ratio": on / off,
+            "open_positions_per_step": open_per_step, "flops_ratio": flops[freeze_after] / flops[0]}
 
 
 class Counter:
@@ -46,7 +89,17 @@ def main() -> None:
     parser.add_argument("--settings", default="0,1,2,3", help="freeze_after values (0: off)")
     parser.add_argument("--levels", default="easy,medium,hard")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--shapes", nargs="*", default=[], choices=["mid", "vocab"],
+                        help="instead: time a canvas of these random-model shapes (compiled_step.SHAPES), off against "
+                        "--shape-freeze-after")
+    parser.add_argument("--shape-freeze-after", type=int, default=2)
+    parser.add_argument("--shape-canvases", type=int, default=3)
+    parser.add_argument("--shape-steps", type=int, default=16)
     args = parser.parse_args()
+    if args.shapes:
+        for shape in args.shapes:
+            print(json.dumps(shape_timing(shape, args.shape_canvases, args.shape_steps, args.shape_freeze_after)), flush=True)
+        return
     model = sudoku.load_model()
     counter = Counter(model)
     n = sudoku.grid_size(model)
