@@ -105,6 +105,13 @@ def step_cost(model, tokenizer, steps: int, reps: int) -> dict:
     return {"free_s": float(free), "constrained_s": float(constrained), "ratio": float(constrained / free)}
 
 
+def cost_model(work: Path, args) -> tuple:
+    """The step-cost model (``--shape``) with the benchmark's tokenizer."""
+    folder = write_random_checkpoint(work / args.shape, vocab_size=args.vocab, **SHAPES[args.shape])
+    add_tokenizer(folder, work / "tok")
+    return load(folder)
+
+
 def validity(write, count: int) -> dict:
     """``write(schema, seed)`` gives a reply's text; how many of ``count`` random schemas' replies validate."""
     rng, valid, failures, seconds = random.Random(0), 0, [], []
@@ -151,11 +158,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--shape", choices=["mid", "vocab"], default="mid",
                         help="the step-cost model: the mid-size one, or the vocabulary-heavy shape of issue #18")
+    parser.add_argument("--cost-only", action="store_true", help="only the step cost (no validity runs, no report)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
     t = time.perf_counter()
     build_tokenizer(work / "tok", stdlib_lines(), args.vocab)
     print(f"tokenizer trained in {time.perf_counter() - t:.0f} s", flush=True)
+    if args.cost_only:
+        print("step", step_cost(*cost_model(work, args), args.steps, args.reps), flush=True)
+        return
     tiny = write_random_checkpoint(work / "tiny", vocab_size=args.vocab, hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                                    global_head_dim=32, num_global_key_value_heads=1, num_experts=4, top_k_experts=2,
@@ -169,10 +180,7 @@ def main() -> None:
     print("validity", {k: v for k, v in valid.items() if k != "failures"}, valid["failures"], flush=True)
     served = server_validity(tiny, args.schemas)
     print("server", {k: v for k, v in served.items() if k != "failures"}, served["failures"], flush=True)
-    mid = write_random_checkpoint(work / "mid", vocab_size=args.vocab, **SHAPES[args.shape])
-    add_tokenizer(mid, work / "tok")
-    model, tokenizer = load(mid)
-    cost = step_cost(model, tokenizer, args.steps, args.reps)
+    cost = step_cost(*cost_model(work, args), args.steps, args.reps)
     print("step", cost, flush=True)
     if args.out:
         args.out.write_text(report(args, builds, valid, served, cost))
