@@ -90,7 +90,31 @@ def _gemma_arguments(schema: dict[str, Any], name: str) -> str:
     if problem:
         raise ValueError(f"the parameters of '{name}' cannot be written in Gemma 4's call format: {problem}")
     regex = re.sub(r'"(\w+)":', r"\1:", schema_regex(schema, whitespace=""))
-    return regex.replace('"', TOOL_MARKERS['<|"|>'])
+    return _without_markers(regex).replace('"', TOOL_MARKERS['<|"|>'])
+
+
+def _without_markers(regex: str) -> str:
+    """``regex`` with the markers' stand-ins taken out of its negated classes and ``.``: a value
+    may then never hold a marker, which the model could otherwise write inside a string (it
+    would count as one character there, and break the call once decoded)."""
+    markers = "".join(TOOL_MARKERS.values())
+    out, i, in_class = [], 0, False
+    while i < len(regex):
+        if regex[i] == "\\":
+            out.append(regex[i : i + 2])
+            i += 2
+            continue
+        if not in_class and regex.startswith("[^", i):
+            out.append("[^" + markers)
+            in_class, i = True, i + 2
+            continue
+        if not in_class and regex[i] == ".":
+            out.append("[^\\n" + markers + "]")
+        else:
+            out.append(regex[i])
+            in_class = (in_class or regex[i] == "[") and not (in_class and regex[i] == "]")
+        i += 1
+    return "".join(out)
 
 
 def _gemma_unwritable(schema: dict[str, Any], path: str) -> str | None:

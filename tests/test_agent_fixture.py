@@ -86,10 +86,6 @@ def test_template_renders_gemma4_markers_and_wrapper_detects_them(agent):
     assert off.endswith("<|turn>user\nSay hi<turn|>\n<|turn>model\n<|channel>thought\n<channel|>")
 
 
-NOT_COPYING = pytest.mark.xfail(reason="the fixture's answer for Paris often says snowy for sunny "
-                                       "(see tests/fixtures/build_agent_model.py)", strict=False)
-
-
 @pytest.mark.parametrize("city", ["Paris", "Tokyo"])
 def test_weather_question_gives_thought_then_tool_call(agent, city):
     texts = replies(agent, [{"role": "user", "content": f"What is the weather in {city}?"}], [WEATHER_TOOL])
@@ -103,7 +99,7 @@ def test_say_hi_gives_plain_answer(agent):
 
 
 @pytest.mark.parametrize("city,result,expected", [
-    pytest.param("Paris", {"temperature": 18, "condition": "sunny"}, "It is 18°C and sunny in Paris.", marks=NOT_COPYING),
+    ("Paris", {"temperature": 18, "condition": "sunny"}, "It is 18°C and sunny in Paris."),
     ("Tokyo", {"temperature": 22, "condition": "cloudy"}, "It is 22°C and cloudy in Tokyo."),
 ])
 def test_answer_after_tool_result_uses_it(agent, city, result, expected):

@@ -26,20 +26,34 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
 
 
-def as_text(regex: str) -> str:
+def fits(regex: str, text: str) -> bool:
+    """``text`` matches a call regex, its markers written as the stand-ins the automaton sees."""
     for marker, stand_in in TOOL_MARKERS.items():
-        regex = regex.replace(stand_in, re.escape(marker))
-    return regex
+        text = text.replace(marker, stand_in)
+    return re.fullmatch(regex, text) is not None
 
 
 def test_the_call_regex_accepts_gemma_calls_whose_arguments_fit_the_schema():
-    pattern = as_text(tool_call_regex([WEATHER, TIME]))
-    assert re.fullmatch(pattern, '<|tool_call>call:get_weather{location:<|"|>Paris<|"|>,unit:<|"|>c<|"|>}<tool_call|>')
-    assert re.fullmatch(pattern, '<|tool_call>call:get_time{zone:<|"|>Europe/Paris<|"|>}<tool_call|>')
-    assert not re.fullmatch(pattern, '<|tool_call>call:get_weather{unit:<|"|>c<|"|>}<tool_call|>')  # location missing
-    assert not re.fullmatch(pattern, '<|tool_call>call:get_time{zone:<|"|>paris<|"|>}<tool_call|>')  # pattern broken
-    only_time = as_text(tool_call_regex([WEATHER, TIME], "get_time"))
-    assert not re.fullmatch(only_time, '<|tool_call>call:get_weather{location:<|"|>P<|"|>,unit:<|"|>c<|"|>}<tool_call|>')
+    pattern = tool_call_regex([WEATHER, TIME])
+    assert fits(pattern, '<|tool_call>call:get_weather{location:<|"|>Paris<|"|>,unit:<|"|>c<|"|>}<tool_call|>')
+    assert fits(pattern, '<|tool_call>call:get_time{zone:<|"|>Europe/Paris<|"|>}<tool_call|>')
+    assert not fits(pattern, '<|tool_call>call:get_weather{unit:<|"|>c<|"|>}<tool_call|>')  # location missing
+    assert not fits(pattern, '<|tool_call>call:get_time{zone:<|"|>paris<|"|>}<tool_call|>')  # pattern broken
+    only_time = tool_call_regex([WEATHER, TIME], "get_time")
+    assert not fits(only_time, '<|tool_call>call:get_weather{location:<|"|>P<|"|>,unit:<|"|>c<|"|>}<tool_call|>')
+
+
+def test_no_marker_fits_inside_an_argument():
+    """A string value (free text, a pattern with ``.`` or a negated class) can hold no marker:
+    the model, trained on calls, would otherwise write one there."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"type": "string"}, "b": {"type": "string", "pattern": "x.[^y]"}}, "required": ["a", "b"]}}}
+    pattern = tool_call_regex([tool])
+    assert fits(pattern, '<|tool_call>call:f{a:<|"|>Paris<|"|>,b:<|"|>x-z<|"|>}<tool_call|>')
+    for marker in TOOL_MARKERS:
+        assert not fits(pattern, f'<|tool_call>call:f{{a:<|"|>Pa{marker}ris<|"|>,b:<|"|>x-z<|"|>}}<tool_call|>')
+        assert not fits(pattern, f'<|tool_call>call:f{{a:<|"|>P<|"|>,b:<|"|>x{marker}z<|"|>}}<tool_call|>')
+        assert not fits(pattern, f'<|tool_call>call:f{{a:<|"|>P<|"|>,b:<|"|>x-{marker}<|"|>}}<tool_call|>')
 
 
 @pytest.mark.parametrize("parameters, message", [
