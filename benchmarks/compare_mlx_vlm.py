@@ -1,13 +1,14 @@
 """Side-by-side speed and memory of mlx_diffgemma against mlx-vlm's DiffusionGemma (the peer).
 
-Both runtimes load the same random mid-size checkpoint (``random_checkpoint.MID_SIZE``, float32),
+Both runtimes load the same random checkpoint (float32) of one of ``random_checkpoint.SHAPES``: the
+mid-size model (``--shape mid``, the default) or the vocabulary-heavy shape (``--shape vocab``),
 get the same prompt token ids, the same canvas length and the same denoising settings, and run
 on the same backend with the same environment:
 
     apt-get install -y libopenblas0-pthread   # MLX's Linux CPU build otherwise uses a slow reference BLAS
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
         .venv/bin/python benchmarks/compare_mlx_vlm.py [--vlm-python /tmp/vlmcheck/venv/bin/python] \\
-        [--prompt-tokens 512] [--canvas 256] [--steps 8] [--rounds 3] [--out benchmarks/COMPARE_MLX_VLM.md]
+        [--shape mid|vocab] [--prompt-tokens 512] [--canvas 256] [--steps 8] [--rounds 3] [--out benchmarks/COMPARE_MLX_VLM.md]
 
 Our side runs in a worker process with this interpreter (``mlx_diffgemma`` importable); the
 peer's in a worker with ``--vlm-python`` (mlx-vlm installed; ``mlx_diffgemma`` never imported).
@@ -284,13 +285,12 @@ def serve(role: str, workdir: Path) -> None:
 
 
 def write_inputs(workdir: Path, args) -> None:
-    """Write the random mid-size checkpoint and the prompt (our interpreter)."""
-    sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+    """Write the random checkpoint of ``--shape`` and the prompt (our interpreter)."""
     import mlx.core as mx
     import numpy as np
-    from random_checkpoint import MID_SIZE, write_random_checkpoint
+    from random_checkpoint import MID_SIZE, SHAPES, write_random_checkpoint
 
-    write_random_checkpoint(workdir / "ckpt", dtype=mx.float32, canvas_length=args.canvas)
+    write_random_checkpoint(workdir / "ckpt", dtype=mx.float32, canvas_length=args.canvas, **SHAPES[args.shape][0])
     ids = np.random.default_rng(SEED).integers(3, MID_SIZE["vocab_size"], size=args.prompt_tokens).tolist()
     ids[0] = 2  # BOS
     meta = {"ids": ids, "canvas": args.canvas, "steps": args.steps, "max_tokens": args.max_tokens}
@@ -429,7 +429,7 @@ def table(ours: dict, peer: dict, text: dict, args) -> str:
     notes = [
         "",
         "ours / peer: below 1 means ours takes less time or memory; in the tokens/s rows, above 1 means ours is faster.",
-        f"Model: random MID_SIZE float32 (hidden {text['hidden_size']}, {text['num_hidden_layers']} layers, "
+        f"Model: random {args.shape} shape, float32 (hidden {text['hidden_size']}, {text['num_hidden_layers']} layers, "
         f"{text['num_experts']} experts top-{text['top_k_experts']}, vocab {text['vocab_size']}); prompt {P} tokens, "
         f"canvas {C}, {S} denoising steps, {args.max_tokens} new tokens; steps run per canvas: ours {ours['steps']}, "
         f"peer {peer['steps']}.",
@@ -450,7 +450,9 @@ def table(ours: dict, peer: dict, text: dict, args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vlm-python", default=DEFAULT_VLM_PYTHON, help="interpreter with mlx-vlm installed")
-    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--shape", choices=["mid", "vocab"], default="mid",
+                        help="random_checkpoint.SHAPES: the mid-size model or the vocabulary-heavy shape")
+    parser.add_argument("--prompt-tokens", type=int, help="default: the shape's (512 mid, 300 vocab)")
     parser.add_argument("--canvas", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8, help="denoising steps per canvas (all run)")
     parser.add_argument("--max-tokens", type=int, default=None, help="new tokens end to end (default: two canvases)")
@@ -465,6 +467,10 @@ def main() -> None:
     if args.worker:
         serve(args.worker, args.workdir)
         return
+    sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]  # the driver is our interpreter; a peer worker never gets here
+    from random_checkpoint import SHAPES
+
+    args.prompt_tokens = args.prompt_tokens or SHAPES[args.shape][1]
 
     preload = os.environ.get("LD_PRELOAD", "")
     print("BLAS: " + (f"preloaded {preload}" if "blas" in preload.lower()

@@ -44,7 +44,7 @@ import numpy as np
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
-from random_checkpoint import write_random_checkpoint  # noqa: E402
+from random_checkpoint import SHAPES, write_random_checkpoint  # noqa: E402
 
 from mlx_diffgemma import compiled  # noqa: E402
 from mlx_diffgemma import model as model_module  # noqa: E402
@@ -53,13 +53,6 @@ from mlx_diffgemma.model import softcap  # noqa: E402
 from mlx_diffgemma.sampler import DiffusionSettings, accept, distribution, renoise, sample  # noqa: E402
 from mlx_diffgemma.utils import load_model  # noqa: E402
 
-SHAPES = {
-    "mid": ({}, 512),
-    "vocab": (dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
-                   num_key_value_heads=4, head_dim=64, global_head_dim=128, num_global_key_value_heads=2,
-                   num_experts=16, top_k_experts=4, moe_intermediate_size=256, sliding_window=512,
-                   layer_types=["sliding_attention"] * 5 + ["full_attention", "sliding_attention", "full_attention"]), 300),
-}
 TEMPERATURE = 0.7
 
 

@@ -29,19 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "benchmarks")]
 
 from helpers import build_tokenizer  # noqa: E402
-from random_checkpoint import write_random_checkpoint  # noqa: E402
+from random_checkpoint import SHAPES, write_random_checkpoint  # noqa: E402
 from schemas import random_schema  # noqa: E402
 
 from mlx_diffgemma import load  # noqa: E402
 from mlx_diffgemma.constrained import Automaton, Guide, automaton_for, schema_regex, token_bytes  # noqa: E402
 from mlx_diffgemma.generate import SeededNoise, denoise_canvas, generate, prefill, resolve_settings  # noqa: E402
 
-SHAPES = {  # the step-cost models: benchmarks/random_checkpoint.py's mid-size one, and a vocabulary-heavy one
-    "mid": {},
-    "vocab": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=64, global_head_dim=128, num_global_key_value_heads=2, num_experts=16,
-                  top_k_experts=4, moe_intermediate_size=256),
-}
 SIX_FIELDS = {  # a realistic extraction schema
     "type": "object",
     "properties": {
@@ -107,7 +101,7 @@ def step_cost(model, tokenizer, steps: int, reps: int) -> dict:
 
 def cost_model(work: Path, args) -> tuple:
     """The step-cost model (``--shape``) with the benchmark's tokenizer."""
-    folder = write_random_checkpoint(work / args.shape, vocab_size=args.vocab, **SHAPES[args.shape])
+    folder = write_random_checkpoint(work / args.shape, vocab_size=args.vocab, **SHAPES[args.shape][0])
     add_tokenizer(folder, work / "tok")
     return load(folder)
 
@@ -156,7 +150,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="denoising steps per canvas in the step-cost runs")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--shape", choices=["mid", "vocab"], default="mid",
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="mid",
                         help="the step-cost model: the mid-size one, or the vocabulary-heavy shape of issue #18")
     parser.add_argument("--cost-only", action="store_true", help="only the step cost (no validity runs, no report)")
     args = parser.parse_args()

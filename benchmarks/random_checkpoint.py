@@ -16,6 +16,15 @@ MID_SIZE = dict(
     num_key_value_heads=4, head_dim=128, global_head_dim=256, num_global_key_value_heads=2, num_experts=16,
     top_k_experts=4, moe_intermediate_size=512, sliding_window=512, canvas_length=256,
 )
+# The two shapes speed ratios are quoted on (issue #18): config overrides of MID_SIZE and the prompt length.
+# "mid" is layer-heavy; "vocab" spends most of a step on vocabulary-sized work.
+SHAPES = {
+    "mid": ({}, 512),
+    "vocab": (dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                   num_key_value_heads=4, head_dim=64, global_head_dim=128, num_global_key_value_heads=2,
+                   num_experts=16, top_k_experts=4, moe_intermediate_size=256, sliding_window=512,
+                   layer_types=["sliding_attention"] * 5 + ["full_attention", "sliding_attention", "full_attention"]), 300),
+}
 
 
 def write_random_checkpoint(out: Path, dtype=mx.float32, seed: int = 0, shard_bytes: int = 2**40, **text_config) -> Path:
