@@ -30,16 +30,16 @@ from mlx_diffgemma.bench import denoise_flops  # noqa: E402
 
 
 def shape_timing(shape: str, canvases: int, steps: int, freeze_after: int) -> dict:
-    """One 256-position canvas on a random model of ``compiled_step.SHAPES[shape]``, off and frozen
+    """One 256-position canvas on a random model of ``random_checkpoint.SHAPES[shape]``, off and frozen
     alternated: seconds per canvas and positions run. A random model never settles at the default
     temperatures, so both run at temperature 0.02, where its argmax holds and positions freeze, and
-    every step runs (no early stop): this times the mechanism, not a quality setting."""
+    every step runs (no early stop: a canvas never counts as stable, since the stability window is the
+    canvas's steps): this times the mechanism, not a quality setting."""
     import tempfile
 
     import mlx.core as mx
 
-    from compiled_step import SHAPES
-    from random_checkpoint import write_random_checkpoint
+    from random_checkpoint import SHAPES, write_random_checkpoint
 
     from mlx_diffgemma.generate import SeededNoise, denoise_canvas, prefill, resolve_settings
     from mlx_diffgemma.utils import load_model
@@ -51,13 +51,13 @@ def shape_timing(shape: str, canvases: int, steps: int, freeze_after: int) -> di
     seconds, positions = {0: [], freeze_after: []}, {0: 0, freeze_after: 0}
     for rep in range(canvases + 1):
         for k in (0, freeze_after):
-            settings = resolve_settings(model, steps=steps, t_max=0.02, t_min=0.02, confidence_threshold=1e-12,
+            settings = resolve_settings(model, steps=steps, t_max=0.02, t_min=0.02, stability_threshold=steps,
                                         freeze_after=k)
             cache = model.make_cache()
             prefill(model, ids, cache)
             before, tic = counter.positions, time.perf_counter()
-            for _ in denoise_canvas(model, cache, 0, 1, settings, SeededNoise(model.args.vocab_size, rep)):
-                pass
+            ran = sum(1 for _ in denoise_canvas(model, cache, 0, 1, settings, SeededNoise(model.args.vocab_size, rep)))
+            assert ran == steps, f"{ran} of {steps} steps ran"
             if rep:  # the first round warms up
                 seconds[k].append(time.perf_counter() - tic)
                 positions[k] += counter.positions - before
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--levels", default="easy,medium,hard")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--shapes", nargs="*", default=[], choices=["mid", "vocab"],
-                        help="instead: time a canvas of these random-model shapes (compiled_step.SHAPES), off against "
+                        help="instead: time a canvas of these random-model shapes (random_checkpoint.SHAPES), off against "
                         "--shape-freeze-after")
     parser.add_argument("--shape-freeze-after", type=int, default=2)
     parser.add_argument("--shape-canvases", type=int, default=3)

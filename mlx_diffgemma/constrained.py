@@ -20,14 +20,14 @@ EOS. The committed canvas advances the automaton's state for the next one.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from .host import pool
 
 JSON_OBJECT = '{"type": "object"}'  # outlines-core writes it as JSON with bounded nesting
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -395,18 +395,11 @@ def class_scores(automaton: Automaton, logits: np.ndarray, probs: np.ndarray) ->
     if len(chunks) == 1:
         part(chunks[0])
     else:
-        list(_pool().map(part, chunks))
+        list(pool().map(part, chunks))
     return best, np.maximum(mass, np.exp(best - lse[:, None])), px, lse
 
 
 _CHUNK = 32  # positions per thread task
-_POOL: list[ThreadPoolExecutor] = []
-
-
-def _pool() -> ThreadPoolExecutor:
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="class-scores"))
-    return _POOL[0]
 
 
 def reachable_pairs(automaton: Automaton, state: int, n: int) -> list[np.ndarray]:

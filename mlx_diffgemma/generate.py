@@ -21,11 +21,12 @@ import numpy as np
 from mlx_lm.generate import wired_limit
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer, StreamingDetokenizer
 
+from . import host
 from .cache import DiffusionCache
 from .compiled import compiled_step
 from .constrained import Automaton, Guide, automaton_for, check_length
 from .freezing import Freezer
-from .model import Model
+from .model import Model, gathered_experts
 from .prompt_cache import PromptCache
 from .reply import Markers, Reply, ReplyStream
 from .sampler import DiffusionSettings, accept, distribution, is_stable, renoise, sample, temperature
@@ -157,6 +158,8 @@ def denoise_canvas(
         freezer = Freezer(shape, settings.freeze_after, len(model.layers))
     plain = fixed is None and guides is None and freezer is None
     fast = compiled_step(model, cache, settings, batch_size) if plain else None
+    # On the CPU path the sampler's step over the logits runs in numpy (host.py), in their buffer.
+    on_host = guides is None and freezer is None and not gathered_experts()
     argmax, sc, history = canvas, None, []
     done = mx.zeros((batch_size,), dtype=mx.bool_)
     passes = np.zeros(batch_size, dtype=np.int64)
@@ -166,6 +169,7 @@ def denoise_canvas(
         # Rows that already stopped keep their argmax, canvas and self-conditioning input;
         # when none has, the previous input is released as soon as the forward has read it.
         held = sc if stopped.any() and freezer is None else None  # a stopped row's open positions: none
+        on_host_step = None
         if fast is not None:
             uniform, noise_tokens = noise.step(index, step, shape) if remaining > 1 else (None, None)
             new_canvas, new_argmax, sc, token_entropy = fast(canvas, sc, temperature(remaining, settings), uniform,
@@ -182,9 +186,18 @@ def denoise_canvas(
         else:
             logits = model.denoise(canvas, cache, None if reuse_probs else sc, settings.self_conditioning_top_k,
                                    sc if reuse_probs else None)
-            scaled = logits / temperature(remaining, settings)
-            sc = logits = None
-            new_argmax = clamp(scaled.argmax(axis=-1).astype(canvas.dtype))
+            sc = None
+            if on_host and remaining > 1:
+                uniform, noise_tokens = noise.step(index, step, shape)
+                on_host_step = host.sampler_step(logits, temperature(remaining, settings), uniform, keep_probs=reuse_probs)
+            if on_host_step is None:
+                scaled = logits / temperature(remaining, settings)
+                new_argmax = scaled.argmax(axis=-1)
+            else:  # its buffer holds what self-conditioning reads next
+                new_argmax, kept, token_entropy, samples = on_host_step
+                probs, scaled = (kept, None) if reuse_probs else (None, kept)
+            new_argmax = clamp(new_argmax.astype(canvas.dtype))
+            logits = None
         if remaining == 1:  # the last step: only its argmax is committed, nothing else is used
             if guides is not None:
                 new_argmax = _guided_argmax(guides, scaled, new_argmax)
@@ -193,13 +206,14 @@ def denoise_canvas(
             yield Draft(step=step + 1, tokens=argmax)
             break
         if fast is None:
-            uniform, noise_tokens = noise.step(index, step, shape)
-            probs, token_entropy = distribution(scaled)
-            if freezer is None:
-                samples = sample(probs, uniform)
-            else:  # frozen positions keep their token and are certain, as fixed ones
+            if on_host_step is None:
+                uniform, noise_tokens = noise.step(index, step, shape)
+                probs, token_entropy = distribution(scaled)
+            if freezer is not None:  # frozen positions keep their token and are certain, as fixed ones
                 samples = freezer.spread(sample(probs, freezer.take(uniform)), canvas)
                 token_entropy = freezer.spread(token_entropy, mx.zeros(shape))
+            elif on_host_step is None:
+                samples = sample(probs, uniform)
             if guides is not None:
                 samples, new_argmax, token_entropy = _guided_step(guides, scaled, probs, uniform, noise_tokens,
                                                                   samples, new_argmax, token_entropy)

@@ -27,6 +27,7 @@ import numpy as np
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+from . import host
 from .cache import DiffusionCache, LayerCache
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -573,7 +574,8 @@ class Model(nn.Module):
                 weights = mx.exp(mx.take_along_axis(logits, top, axis=-1) - mx.logsumexp(logits, axis=-1, keepdims=True))
                 soft = (weights.astype(h.dtype)[..., None, :] @ decoder.embed_tokens(top))[..., 0, :]
             else:
-                probs = mx.softmax(logits, axis=-1)
+                probs = None if gathered_experts() else host.softmax(logits)
+                probs = mx.softmax(logits, axis=-1) if probs is None else probs
         if probs is not None:
             soft = embedding_product(decoder.embed_tokens, probs.astype(h.dtype))
         if soft is not None:
@@ -584,7 +586,11 @@ class Model(nn.Module):
                              open_positions=open_positions)
         logits = decoder.embed_tokens.as_linear(decoder.norm(h)).astype(mx.float32)
         cap = self.args.final_logit_softcapping
-        return softcap(logits, cap) if cap else logits
+        if not cap:
+            return logits
+        # The CPU path reads the host anyway: there numpy's tanh is 20x MLX's (host.py).
+        capped = None if gathered_experts() else host.softcap_(logits, cap)
+        return softcap(logits, cap) if capped is None else capped
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map checkpoint keys (HF or MLX layout) onto this module tree."""

@@ -1,0 +1,133 @@
+"""The CPU path's vocabulary-sized math in numpy (host.py) against the MLX ops it stands in for."""
+
+from itertools import islice
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_diffgemma import host, load, sudoku
+from mlx_diffgemma.generate import Draft, SeededNoise, generate_step, resolve_settings
+from mlx_diffgemma.model import softcap
+from mlx_diffgemma.sampler import distribution, sample
+
+
+def logits_like_a_model(shape, seed=0):
+    """Logits with a model's spread: a few tokens well above a broad floor."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 3, size=shape).astype(np.float32)
+    x[..., : shape[-1] // 50] += 12 * rng.random(shape[:-1] + (shape[-1] // 50,), dtype=np.float32)
+    return x
+
+
+def test_softcap_in_place_equals_mlx_softcap():
+    x = logits_like_a_model((2, 16, 4096)) * 5
+    expected = np.array(softcap(mx.array(x), 30.0))
+    owned = mx.array(x)
+    out = host.softcap_(owned, 30.0)
+    assert out is owned  # written in its own buffer
+    assert np.allclose(np.array(out), expected, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.8, 0.45])
+def test_sampler_step_equals_the_samplers_distribution_and_samples(temperature):
+    x = logits_like_a_model((2, 64, 8192), seed=1)
+    uniform = mx.array(np.random.default_rng(2).random((2, 64), dtype=np.float32))
+    scaled = mx.array(x) / temperature
+    probs, entropy = distribution(scaled)
+    samples = sample(probs, uniform)
+    got = host.sampler_step(mx.array(x), temperature, uniform)
+    assert got is not None
+    argmax, host_probs, host_entropy, host_samples = got
+    assert np.array_equal(np.array(argmax), np.array(scaled.argmax(axis=-1)))
+    assert np.allclose(np.array(host_probs), np.array(probs), rtol=1e-4, atol=1e-7)
+    # float32 sums over the vocabulary: MLX's entropy is off the float64 one by about 3e-4 here, the host's by 1e-4
+    exact = np.exp(x.astype(np.float64) / temperature - (x.max(axis=-1, keepdims=True) / temperature))
+    exact /= exact.sum(axis=-1, keepdims=True)
+    exact_entropy = -(exact * np.log(np.maximum(exact, 1e-300))).sum(axis=-1)
+    assert np.abs(np.array(host_entropy) - exact_entropy).max() < 2e-4
+    assert np.allclose(np.array(host_entropy), np.array(entropy), atol=1e-3)
+    assert np.mean(np.array(host_samples) == np.array(samples)) >= 0.99  # a draw on a CDF boundary may differ
+    assert np.array(entropy).max() > 0.5  # the test ran on spread-out distributions, not one-hot ones
+
+
+def test_sampler_step_can_leave_the_scaled_logits_for_self_conditioning():
+    x = logits_like_a_model((1, 8, 1024), seed=3)
+    uniform = mx.array(np.random.default_rng(4).random((1, 8), dtype=np.float32))
+    keep = host.sampler_step(mx.array(x), 0.5, uniform)
+    scaled = host.sampler_step(mx.array(x), 0.5, uniform, keep_probs=False)
+    assert np.allclose(np.array(scaled[1]), x / 0.5)
+    for a, b in zip(keep[2:], scaled[2:]):  # the same entropies and samples either way
+        assert np.array_equal(np.array(a), np.array(b))
+
+
+def test_softmax_equals_mlx_softmax_and_leaves_its_input():
+    x = logits_like_a_model((2, 8, 2048), seed=5)
+    logits = mx.array(x)
+    probs = host.softmax(logits)
+    assert np.allclose(np.array(probs), np.array(mx.softmax(mx.array(x), axis=-1)), rtol=1e-5, atol=1e-8)
+    assert np.array_equal(np.array(logits), x)
+
+
+def test_an_array_that_is_not_one_buffer_is_left_to_mlx():
+    strided = mx.array(logits_like_a_model((8, 256)))[:, ::2]
+    assert host.buffer_view(strided) is None
+    assert host.softcap_(strided, 30.0) is None
+    assert host.buffer_view(mx.zeros((4, 8), dtype=mx.bfloat16)) is None
+
+
+def test_every_row_is_computed_whatever_the_split():
+    x = logits_like_a_model((1, 3, 512))
+    got = host.sampler_step(mx.array(x), 1.0, mx.array([[0.1, 0.5, 0.9]]))
+    expected = distribution(mx.array(x))[1]
+    assert np.allclose(np.array(got[2]), np.array(expected), atol=1e-4)
+
+
+def mlx_only(monkeypatch):
+    """Every host function declines, as for a buffer it cannot use: the MLX ops run instead."""
+    for name in ("softcap_", "softmax", "sampler_step"):
+        monkeypatch.setattr(host, name, lambda *args, **kwargs: None)
+
+
+def drafts(model, monkeypatch, on_host: bool) -> list[list[list[int]]]:
+    if not on_host:
+        mlx_only(monkeypatch)
+    events = generate_step(model, [[2, 10, 11, 12], [2, 13, 14, 15]], max_tokens=48,
+                           settings=resolve_settings(model, steps=8, canvas_length=16), eos_token_ids=[],
+                           noise=SeededNoise(model.args.vocab_size, 0))
+    return [e.tokens.tolist() for e in events if isinstance(e, Draft)]
+
+
+def test_generation_on_the_host_gives_the_mlx_ops_tokens(hf_checkpoint, monkeypatch):
+    model, _ = load(hf_checkpoint)
+    on_host = drafts(model, monkeypatch, True)
+    with monkeypatch.context() as m:
+        assert drafts(model, m, False) == on_host
+
+
+def test_bfloat16_generation_keeps_the_scaled_logits_on_the_host_and_its_first_step_agrees(hf_checkpoint, monkeypatch):
+    """Later steps drift apart on a random model, whose flat logits turn float32 rounding
+    differences into different bfloat16 inputs (the step itself agrees to 1e-6: the tests above)."""
+    model, _ = load(hf_checkpoint)
+    model.set_dtype(mx.bfloat16)
+    kept, step = [], host.sampler_step
+
+    def spy(*args, **kwargs):
+        kept.append(kwargs["keep_probs"])
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(host, "sampler_step", spy)
+    on_host = drafts(model, monkeypatch, True)
+    assert kept and not any(kept)  # self-conditioning reads the scaled logits, as the MLX path gives it
+    with monkeypatch.context() as m:
+        off = drafts(model, m, False)
+    assert len(on_host) == len(off) and on_host[0] == off[0]
+
+
+def test_the_sudoku_model_solves_the_same_puzzles_on_the_host(monkeypatch):
+    model = sudoku.load_model()
+    puzzles = [puzzle for puzzle, _ in islice(sudoku.puzzles(sudoku.DIFFICULTIES[6]["hard"], seed=5, n=6), 12)]
+    on_host = [a.grid for a in sudoku.solve(model, puzzles, seed=0)]
+    mlx_only(monkeypatch)
+    off = [a.grid for a in sudoku.solve(model, puzzles, seed=0)]
+    assert sum(a == b for a, b in zip(on_host, off)) >= 11
