@@ -1,4 +1,4 @@
-"""The CPU path's vocabulary-sized math in numpy (``mlx_diffgemma/host.py``) against MLX's ops, per shape.
+"""The CPU path's elementwise math in numpy (``mlx_diffgemma/host.py``) against MLX's ops, per shape.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python benchmarks/host_math.py --shapes mid vocab
 
@@ -27,7 +27,7 @@ from mlx_diffgemma import host  # noqa: E402
 from mlx_diffgemma.generate import SeededNoise, denoise_canvas, prefill, resolve_settings  # noqa: E402
 from mlx_diffgemma.utils import load_model  # noqa: E402
 
-HOST = {name: getattr(host, name) for name in ("softcap_", "softmax", "sampler_step")}
+HOST = {name: getattr(host, name) for name in ("softcap_", "softmax", "sampler_step", "gated_gelu")}
 
 
 def use_host(on: bool) -> None:

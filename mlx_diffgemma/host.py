@@ -1,18 +1,21 @@
-"""Vocabulary-sized elementwise math on the host, for MLX's CPU backend.
+"""The CPU path's transcendental elementwise math on the host, in numpy.
 
 On an x86 CPU, MLX evaluates ``tanh`` and ``exp`` one value at a time (about 17 ns each: 150 ms
 for the ``tanh`` of a 256 x 32,768 canvas), while numpy's SIMD loops take under 1 ns. The CPU
-path (grouped experts, which already reads the host every layer) therefore runs the softcap and
-the sampler's step over the logits here, in numpy, on rows split across the cores (numpy releases
-the GIL), writing into the logits' own buffer: no copy either way. The GPU path (gathered experts,
-which may be compiled) never comes here.
+path (grouped experts, which already reads the host every layer) therefore runs here, in numpy,
+on rows split across the cores (numpy releases the GIL): the softcap and the sampler's step over
+the logits, the attention softmax and the gated GELU, writing into the arrays' own buffers where
+the caller owns them. The GPU path (gathered experts, which may be compiled) never comes here,
+nor does training (``disabled``): a numpy result carries no gradient.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import mlx.core as mx
 import numpy as np
@@ -20,6 +23,21 @@ import numpy as np
 _WORKERS = os.cpu_count() or 1
 _POOL: list[ThreadPoolExecutor] = []
 _BLOCK = 8  # rows per pass: a block's temporaries stay in the cache
+_GELU_SCALE = math.sqrt(2 / math.pi)
+
+
+_DISABLED = [0]
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Every function here declines inside (MLX's ops run instead): for code that MLX
+    differentiates, since a result made in numpy carries no gradient."""
+    _DISABLED[0] += 1
+    try:
+        yield
+    finally:
+        _DISABLED[0] -= 1
 
 
 def pool() -> ThreadPoolExecutor:
@@ -43,7 +61,7 @@ def buffer_view(a: mx.array) -> np.ndarray | None:
     """``a`` evaluated, as a numpy view of its buffer with the vocabulary last; ``None`` where it
     is not one contiguous float32 buffer. Writing into the view changes ``a``: only a caller that
     owns ``a`` (no other array reads its buffer) may."""
-    if a.dtype != mx.float32:
+    if _DISABLED[0] or a.dtype != mx.float32:
         return None
     mx.eval(a)
     view = np.asarray(memoryview(a))
@@ -69,13 +87,14 @@ def softcap_(logits: mx.array, cap: float) -> mx.array | None:
     return logits
 
 
-def softmax(logits: mx.array) -> mx.array | None:
-    """The softmax of float32 ``logits`` over the vocabulary, in a new array (``logits`` is left
-    as it is); ``None`` where ``logits`` is not one float32 buffer."""
+def softmax(logits: mx.array, in_place: bool = False) -> mx.array | None:
+    """The softmax of float32 ``logits`` over their last axis: in a new array, or written into
+    ``logits`` (``in_place``, when the caller owns it); ``None`` where ``logits`` is not one
+    float32 buffer."""
     x = buffer_view(logits)
     if x is None:
         return None
-    out = np.empty_like(x)
+    out = x if in_place else np.empty_like(x)
 
     def rows(start: int, stop: int) -> None:
         block = out[start:stop]
@@ -84,7 +103,36 @@ def softmax(logits: mx.array) -> mx.array | None:
         np.divide(block, block.sum(axis=-1, keepdims=True), out=block)
 
     for_rows(x.shape[0], rows)
-    return mx.array(out).reshape(logits.shape)
+    return logits if in_place else mx.array(out).reshape(logits.shape)
+
+
+def gated_gelu(gate_up: mx.array, up: mx.array | None = None) -> mx.array | None:
+    """``nn.gelu_approx(gate) * up``, in a new array: ``gate`` and ``up`` the two halves of
+    ``gate_up``'s last axis (as ``mx.split`` gives them), or ``gate_up`` itself and ``up``.
+    ``None`` where they are not float32 buffers."""
+    both = buffer_view(gate_up)
+    second = None if up is None else buffer_view(up)
+    if both is None or (up is not None and second is None):
+        return None
+    half = both.shape[-1] // 2
+    gate, up_view = (both[:, :half], both[:, half:]) if up is None else (both, second)
+    out = np.empty(gate.shape, dtype=np.float32)
+
+    def rows(start: int, stop: int) -> None:
+        x, o = gate[start:stop], out[start:stop]
+        np.multiply(x, x, out=o)
+        np.multiply(o, x, out=o)
+        np.multiply(o, 0.044715, out=o)
+        np.add(o, x, out=o)
+        np.multiply(o, _GELU_SCALE, out=o)
+        np.tanh(o, out=o)  # 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))
+        np.add(o, 1.0, out=o)
+        np.multiply(o, x, out=o)
+        np.multiply(o, 0.5, out=o)
+        np.multiply(o, up_view[start:stop], out=o)
+
+    for_rows(gate.shape[0], rows)
+    return mx.array(out).reshape(*gate_up.shape[:-1], gate.shape[-1])
 
 
 def sampler_step(logits: mx.array, temperature: float, uniform: mx.array,

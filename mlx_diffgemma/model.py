@@ -168,6 +168,16 @@ def rms_norm(x: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, None, eps)
 
 
+def gated_gelu(gate_up: mx.array, up: mx.array | None = None) -> mx.array:
+    """``gelu_approx(gate) * up``: of the halves of ``gate_up`` (the experts' fused projection),
+    or of ``gate_up`` and ``up``. The CPU path takes it on the host (host.py)."""
+    out = None if gathered_experts() else host.gated_gelu(gate_up, up)
+    if out is None:
+        gate, up = mx.split(gate_up, 2, axis=-1) if up is None else (gate_up, up)
+        out = nn.gelu_approx(gate) * up
+    return out
+
+
 class MLP(nn.Module):
     def __init__(self, dims: int, hidden_dims: int):
         super().__init__()
@@ -176,7 +186,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dims, dims, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gated_gelu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nn.Module):
@@ -260,8 +270,7 @@ class Experts(nn.Module):
         else:  # only the rows routed to this rank's experts (contiguous in expert order)
             start = int(counts[: self.first].sum())
             rows = order[start : start + sum(local)]
-        gate, up = mx.split(grouped_linear(self.gate_up_proj, x[rows // k], local), 2, axis=-1)
-        y = grouped_linear(self.down_proj, nn.gelu_approx(gate) * up, local)
+        y = grouped_linear(self.down_proj, gated_gelu(grouped_linear(self.gate_up_proj, x[rows // k], local)), local)
         if self.count == self.num_experts:
             return y[mx.argsort(order)]
         out = mx.zeros((flat.size, y.shape[-1]), dtype=y.dtype)
@@ -332,8 +341,25 @@ class Attention(nn.Module):
             q = open_positions.take(self.rope(open_positions.spread(q), offset=positions))
             mask = None if mask is None else mask[:, :, :1]  # canvas queries all see the same keys
         k, v = cache.extend(self.rope(keys, offset=positions), values, store)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.o_proj(attention(q, k, v, mask).transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
+    """Dot-product attention (scale 1: queries and keys are normalized), ``[B, heads, L, D]``
+    queries over ``[B, kv_heads, S, D]`` keys and values, ``mask`` boolean ``[B|1, 1, L, S]``.
+    The CPU path takes the softmax on the host (host.py): MLX's own runs one value at a time
+    there, and a canvas's attention holds about as many scores as its logits."""
+    if gathered_experts():
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+    B, H, L, D = q.shape
+    groups = H // k.shape[1]
+    scores = (q.reshape(B, k.shape[1], groups * L, D) @ k.swapaxes(-1, -2)).astype(mx.float32)
+    if mask is not None:
+        shape = scores.shape
+        scores = mx.where(mask[:, :, None], scores.reshape(B, -1, groups, L, shape[-1]), -mx.inf).reshape(shape)
+    probs = host.softmax(scores, in_place=True)
+    probs = mx.softmax(scores, axis=-1) if probs is None else probs
+    return (probs.astype(v.dtype) @ v).reshape(B, H, L, -1)
 
 
 class OpenPositions:

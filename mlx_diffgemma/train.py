@@ -41,6 +41,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import save_model
 
+from . import host
 from .adapters import ADAPTER_CONFIG, ADAPTER_FILE, LORA_KEYS, apply_lora
 from .model import Model
 from .sampler import DiffusionSettings
@@ -334,7 +335,8 @@ def train(
         rng = np.random.default_rng([args.seed, step])
         batch = _random_batch(train_set, args, model, eos, pad, rng)
         key = mx.random.key(args.seed * 1_000_003 + step)
-        loss, grads = loss_and_grad(model, batch, key, args.self_conditioning, _temperature(rng))
+        with host.disabled():  # the CPU path's numpy math would cut the gradient
+            loss, grads = loss_and_grad(model, batch, key, args.self_conditioning, _temperature(rng))
         if args.grad_clip:
             grads, _ = optim.clip_grad_norm(grads, args.grad_clip)
         optimizer.update(model, grads)

@@ -3,11 +3,13 @@
 from itertools import islice
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
 from mlx_diffgemma import host, load, sudoku
 from mlx_diffgemma.generate import Draft, SeededNoise, generate_step, resolve_settings
+from mlx_diffgemma import model
 from mlx_diffgemma.model import softcap
 from mlx_diffgemma.sampler import distribution, sample
 
@@ -85,7 +87,7 @@ def test_every_row_is_computed_whatever_the_split():
 
 def mlx_only(monkeypatch):
     """Every host function declines, as for a buffer it cannot use: the MLX ops run instead."""
-    for name in ("softcap_", "softmax", "sampler_step"):
+    for name in ("softcap_", "softmax", "sampler_step", "gated_gelu"):
         monkeypatch.setattr(host, name, lambda *args, **kwargs: None)
 
 
@@ -131,3 +133,45 @@ def test_the_sudoku_model_solves_the_same_puzzles_on_the_host(monkeypatch):
     mlx_only(monkeypatch)
     off = [a.grid for a in sudoku.solve(model, puzzles, seed=0)]
     assert sum(a == b for a, b in zip(on_host, off)) >= 11
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_on_the_host_equals_mlx_attention(masked, monkeypatch):
+    calls, softmax = [], host.softmax
+    monkeypatch.setattr(host, "softmax", lambda *args, **kwargs: calls.append(kwargs) or softmax(*args, **kwargs))
+    rng = np.random.default_rng(6)
+    q, k, v = (mx.array(rng.normal(size=shape).astype(np.float32)) for shape in
+               [(2, 8, 5, 16), (2, 2, 12, 16), (2, 2, 12, 16)])  # four query heads per key head
+    mask = None
+    if masked:  # causal over the last 5 keys, as the encoder's, with a different first row per batch row
+        mask = mx.array(np.arange(12)[None, :] <= np.arange(7, 12)[:, None])[None, None]
+        mask = mx.concatenate([mask, mask & mx.array(np.arange(12) > 0)], axis=0)
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+    assert np.allclose(np.array(model.attention(q, k, v, mask)), np.array(expected), atol=1e-5)
+    assert calls == [{"in_place": True}]  # the scores' softmax ran on the host, in their buffer
+
+
+def test_gated_gelu_equals_mlx_for_fused_and_separate_projections():
+    rng = np.random.default_rng(7)
+    gate_up = mx.array(rng.normal(0, 3, size=(6, 5, 64)).astype(np.float32))
+    gate, up = mx.split(gate_up, 2, axis=-1)
+    expected = np.array(nn.gelu_approx(gate) * up)
+    assert np.allclose(np.array(host.gated_gelu(gate_up)), expected, atol=1e-5)
+    separate = host.gated_gelu(mx.array(np.array(gate)), mx.array(np.array(up)))
+    assert separate.shape == (6, 5, 32)
+    assert np.allclose(np.array(separate), expected, atol=1e-5)
+    assert host.gated_gelu(gate_up.astype(mx.bfloat16)) is None  # left to MLX
+
+
+def test_gradients_flow_through_the_mlx_ops_when_the_host_is_disabled():
+    """Training differentiates the model: a numpy result would carry no gradient."""
+    x = mx.array(logits_like_a_model((2, 4, 64)))
+
+    def loss(x):
+        return model.gated_gelu(x).sum()
+
+    assert not mx.any(mx.grad(loss)(x)).item()  # the host's result is a constant: no gradient at all
+    with host.disabled():
+        grad = mx.grad(loss)(x)
+        assert host.softcap_(mx.array(logits_like_a_model((1, 8))), 30.0) is None
+    assert mx.all(mx.isfinite(grad)).item() and mx.any(grad != 0).item()
