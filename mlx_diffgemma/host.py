@@ -24,8 +24,6 @@ _WORKERS = os.cpu_count() or 1
 _POOL: list[ThreadPoolExecutor] = []
 _BLOCK = 8  # rows per pass: a block's temporaries stay in the cache
 _GELU_SCALE = math.sqrt(2 / math.pi)
-
-
 _DISABLED = [0]
 
 
@@ -50,18 +48,18 @@ def pool() -> ThreadPoolExecutor:
 def for_rows(n: int, fn: Callable[[int, int], None]) -> None:
     """``fn(start, stop)`` over ``n`` rows split evenly across the pool's threads."""
     parts = min(n, _WORKERS)
-    bounds = [n * i // parts for i in range(parts + 1)]
     if parts <= 1:
         fn(0, n)
-    else:
-        list(pool().map(fn, bounds[:-1], bounds[1:]))
+        return
+    bounds = [n * i // parts for i in range(parts + 1)]
+    list(pool().map(fn, bounds[:-1], bounds[1:]))
 
 
 def buffer_view(a: mx.array) -> np.ndarray | None:
-    """``a`` evaluated, as a numpy view of its buffer with the vocabulary last; ``None`` where it
-    is not one contiguous float32 buffer. Writing into the view changes ``a``: only a caller that
-    owns ``a`` (no other array reads its buffer) may."""
-    if _DISABLED[0] or a.dtype != mx.float32:
+    """``a`` evaluated, as a 2-D numpy view of its buffer (rows of its last axis); ``None`` where
+    it is not one contiguous float32 buffer, or is empty. Writing into the view changes ``a``: only
+    a caller that owns ``a`` (no other array reads its buffer) may."""
+    if _DISABLED[0] or a.dtype != mx.float32 or a.size == 0:
         return None
     mx.eval(a)
     view = np.asarray(memoryview(a))
