@@ -4,7 +4,7 @@
 
 For each shape of ``random_checkpoint.SHAPES`` (float32, canvas 256): one canvas of ``--steps`` denoising
 steps (every step runs) and one denoiser forward with self-conditioning on the previous logits, with the
-host functions on and with them declining (MLX's ops run instead, as before they existed), alternated
+host functions on and inside ``host.disabled()`` (MLX's ops, as before they existed), alternated
 round by round in one process. Medians of ``--rounds``; the first round warms up.
 """
 
@@ -15,6 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,14 +27,6 @@ from random_checkpoint import SHAPES, write_random_checkpoint  # noqa: E402
 from mlx_diffgemma import host  # noqa: E402
 from mlx_diffgemma.generate import SeededNoise, denoise_canvas, prefill, resolve_settings  # noqa: E402
 from mlx_diffgemma.utils import load_model  # noqa: E402
-
-HOST = {name: getattr(host, name) for name in ("softcap_", "softmax", "sampler_step", "gated_gelu")}
-
-
-def use_host(on: bool) -> None:
-    for name, fn in HOST.items():
-        setattr(host, name, fn if on else (lambda *args, **kwargs: None))
-
 
 def measure(shape: str, steps: int, rounds: int, folder: Path) -> dict:
     config, prompt = SHAPES[shape]
@@ -47,16 +40,15 @@ def measure(shape: str, steps: int, rounds: int, folder: Path) -> dict:
     step_s, forward_s = {True: [], False: []}, {True: [], False: []}
     for rep in range(rounds + 1):
         for on in (True, False) if rep % 2 else (False, True):
-            use_host(on)
-            tic = time.perf_counter()
-            ran = sum(1 for _ in denoise_canvas(model, cache, 0, 1, settings, SeededNoise(model.args.vocab_size, rep)))
-            elapsed = (time.perf_counter() - tic) / ran
-            tic = time.perf_counter()
-            mx.eval(model.denoise(canvas, cache, previous))
+            with nullcontext() if on else host.disabled():
+                tic = time.perf_counter()
+                ran = sum(1 for _ in denoise_canvas(model, cache, 0, 1, settings, SeededNoise(model.args.vocab_size, rep)))
+                elapsed = (time.perf_counter() - tic) / ran
+                tic = time.perf_counter()
+                mx.eval(model.denoise(canvas, cache, previous))
             if rep:
                 step_s[on].append(elapsed)
                 forward_s[on].append(time.perf_counter() - tic)
-    use_host(True)
     step = {on: statistics.median(v) for on, v in step_s.items()}
     forward = {on: statistics.median(v) for on, v in forward_s.items()}
     return {"shape": shape, "step_mlx_s": step[False], "step_host_s": step[True], "step_ratio": step[True] / step[False],

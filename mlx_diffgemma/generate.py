@@ -170,8 +170,8 @@ def denoise_canvas(
         # when none has, the previous input is released as soon as the forward has read it.
         held = sc if stopped.any() and freezer is None else None  # a stopped row's open positions: none
         on_host_step = None
+        uniform, noise_tokens = noise.step(index, step, shape) if remaining > 1 else (None, None)
         if fast is not None:
-            uniform, noise_tokens = noise.step(index, step, shape) if remaining > 1 else (None, None)
             new_canvas, new_argmax, sc, token_entropy = fast(canvas, sc, temperature(remaining, settings), uniform,
                                                              noise_tokens)
         elif freezer is not None:  # only the open positions: every array below is [B, m, ...]
@@ -188,7 +188,6 @@ def denoise_canvas(
                                    sc if reuse_probs else None)
             sc = None
             if on_host and remaining > 1:
-                uniform, noise_tokens = noise.step(index, step, shape)
                 on_host_step = host.sampler_step(logits, temperature(remaining, settings), uniform, keep_probs=reuse_probs)
             if on_host_step is None:
                 scaled = logits / temperature(remaining, settings)
@@ -207,7 +206,6 @@ def denoise_canvas(
             break
         if fast is None:
             if on_host_step is None:
-                uniform, noise_tokens = noise.step(index, step, shape)
                 probs, token_entropy = distribution(scaled)
             if freezer is not None:  # frozen positions keep their token and are certain, as fixed ones
                 samples = freezer.spread(sample(probs, freezer.take(uniform)), canvas)

@@ -38,6 +38,11 @@ def disabled() -> Iterator[None]:
         _DISABLED[0] -= 1
 
 
+def enabled() -> bool:
+    """Whether the functions here may run (not inside ``disabled``)."""
+    return not _DISABLED[0]
+
+
 def pool() -> ThreadPoolExecutor:
     """One thread per core, shared by the host's row-parallel work."""
     if not _POOL:
@@ -59,7 +64,7 @@ def buffer_view(a: mx.array) -> np.ndarray | None:
     """``a`` evaluated, as a 2-D numpy view of its buffer (rows of its last axis); ``None`` where
     it is not one contiguous float32 buffer, or is empty. Writing into the view changes ``a``: only
     a caller that owns ``a`` (no other array reads its buffer) may."""
-    if _DISABLED[0] or a.dtype != mx.float32 or a.size == 0:
+    if not enabled() or a.dtype != mx.float32 or a.size == 0:
         return None
     mx.eval(a)
     view = np.asarray(memoryview(a))

@@ -349,7 +349,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> m
     queries over ``[B, kv_heads, S, D]`` keys and values, ``mask`` boolean ``[B|1, 1, L, S]``.
     The CPU path takes the softmax on the host (host.py): MLX's own runs one value at a time
     there, and a canvas's attention holds about as many scores as its logits."""
-    if gathered_experts():
+    if gathered_experts() or not host.enabled():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
     B, H, L, D = q.shape
     groups = H // k.shape[1]

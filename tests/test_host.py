@@ -1,5 +1,6 @@
 """The CPU path's vocabulary-sized math in numpy (host.py) against the MLX ops it stands in for."""
 
+from contextlib import nullcontext
 from itertools import islice
 
 import mlx.core as mx
@@ -85,26 +86,18 @@ def test_every_row_is_computed_whatever_the_split():
     assert np.allclose(np.array(got[2]), np.array(expected), atol=1e-4)
 
 
-def mlx_only(monkeypatch):
-    """Every host function declines, as for a buffer it cannot use: the MLX ops run instead."""
-    for name in ("softcap_", "softmax", "sampler_step", "gated_gelu"):
-        monkeypatch.setattr(host, name, lambda *args, **kwargs: None)
+def drafts(model, on_host: bool = True) -> list[list[list[int]]]:
+    """The drafts of a short generation; with ``on_host`` false, inside ``host.disabled()``: MLX's ops."""
+    with nullcontext() if on_host else host.disabled():
+        events = generate_step(model, [[2, 10, 11, 12], [2, 13, 14, 15]], max_tokens=48,
+                               settings=resolve_settings(model, steps=8, canvas_length=16), eos_token_ids=[],
+                               noise=SeededNoise(model.args.vocab_size, 0))
+        return [e.tokens.tolist() for e in events if isinstance(e, Draft)]
 
 
-def drafts(model, monkeypatch, on_host: bool) -> list[list[list[int]]]:
-    if not on_host:
-        mlx_only(monkeypatch)
-    events = generate_step(model, [[2, 10, 11, 12], [2, 13, 14, 15]], max_tokens=48,
-                           settings=resolve_settings(model, steps=8, canvas_length=16), eos_token_ids=[],
-                           noise=SeededNoise(model.args.vocab_size, 0))
-    return [e.tokens.tolist() for e in events if isinstance(e, Draft)]
-
-
-def test_generation_on_the_host_gives_the_mlx_ops_tokens(hf_checkpoint, monkeypatch):
+def test_generation_on_the_host_gives_the_mlx_ops_tokens(hf_checkpoint):
     model, _ = load(hf_checkpoint)
-    on_host = drafts(model, monkeypatch, True)
-    with monkeypatch.context() as m:
-        assert drafts(model, m, False) == on_host
+    assert drafts(model) == drafts(model, on_host=False)
 
 
 def test_bfloat16_generation_keeps_the_scaled_logits_on_the_host_and_its_first_step_agrees(hf_checkpoint, monkeypatch):
@@ -119,19 +112,18 @@ def test_bfloat16_generation_keeps_the_scaled_logits_on_the_host_and_its_first_s
         return step(*args, **kwargs)
 
     monkeypatch.setattr(host, "sampler_step", spy)
-    on_host = drafts(model, monkeypatch, True)
+    on_host = drafts(model)
     assert kept and not any(kept)  # self-conditioning reads the scaled logits, as the MLX path gives it
-    with monkeypatch.context() as m:
-        off = drafts(model, m, False)
+    off = drafts(model, on_host=False)
     assert len(on_host) == len(off) and on_host[0] == off[0]
 
 
-def test_the_sudoku_model_solves_the_same_puzzles_on_the_host(monkeypatch):
+def test_the_sudoku_model_solves_the_same_puzzles_on_the_host():
     model = sudoku.load_model()
     puzzles = [puzzle for puzzle, _ in islice(sudoku.puzzles(sudoku.DIFFICULTIES[6]["hard"], seed=5, n=6), 12)]
     on_host = [a.grid for a in sudoku.solve(model, puzzles, seed=0, steps=12)]  # 12 steps a canvas: a short test
-    mlx_only(monkeypatch)
-    off = [a.grid for a in sudoku.solve(model, puzzles, seed=0, steps=12)]
+    with host.disabled():
+        off = [a.grid for a in sudoku.solve(model, puzzles, seed=0, steps=12)]
     assert sum(a == b for a, b in zip(on_host, off)) >= 11
 
 
