@@ -158,8 +158,10 @@ def denoise_canvas(
         freezer = Freezer(shape, settings.freeze_after, len(model.layers))
     plain = fixed is None and guides is None and freezer is None
     fast = compiled_step(model, cache, settings, batch_size) if plain else None
-    # On the CPU path the sampler's step over the logits runs in numpy (host.py), in their buffer.
-    on_host = guides is None and freezer is None and not gathered_experts()
+    # On the CPU path the sampler's step over the logits runs in numpy (host.py), in their buffer,
+    # which then holds the probabilities or, for self-conditioning on logits or for a guide, the scaled logits.
+    on_host = freezer is None and not gathered_experts()
+    keep_probs = reuse_probs and guides is None
     argmax, sc, history = canvas, None, []
     done = mx.zeros((batch_size,), dtype=mx.bool_)
     passes = np.zeros(batch_size, dtype=np.int64)
@@ -188,13 +190,16 @@ def denoise_canvas(
                                    sc if reuse_probs else None)
             sc = None
             if on_host and remaining > 1:
-                on_host_step = host.sampler_step(logits, temperature(remaining, settings), uniform, keep_probs=reuse_probs)
+                on_host_step = host.sampler_step(logits, temperature(remaining, settings), uniform, keep_probs=keep_probs)
             if on_host_step is None:
                 scaled = logits / temperature(remaining, settings)
                 new_argmax = scaled.argmax(axis=-1)
-            else:  # its buffer holds what self-conditioning reads next
+            else:
                 new_argmax, kept, token_entropy, samples = on_host_step
-                probs, scaled = (kept, None) if reuse_probs else (None, kept)
+                probs, scaled = (kept, None) if keep_probs else (None, kept)
+                if guides is not None:  # a guide reads the scaled logits and their softmax
+                    probs = host.softmax(scaled)
+                    probs = mx.softmax(scaled, axis=-1) if probs is None else probs
             new_argmax = clamp(new_argmax.astype(canvas.dtype))
             logits = None
         if remaining == 1:  # the last step: only its argmax is committed, nothing else is used
