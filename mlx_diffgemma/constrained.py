@@ -234,17 +234,9 @@ class Automaton:
         for d, m in enumerate(members):
             self.set_classes[d, m] = 1.0
         states = np.arange(self.next.shape[0])
-        self.first = np.searchsorted(self.pair_src, states)  # pairs leaving q: first[q]:last[q]
-        self.last = np.searchsorted(self.pair_src, states, side="right")
         self.into = np.argsort(self.pair_dst, kind="stable")  # pairs entering q: into[into_first[q]:into_last[q]]
         self.into_first = np.searchsorted(self.pair_dst[self.into], states)
         self.into_last = np.searchsorted(self.pair_dst[self.into], states, side="right")
-
-    def pairs_from(self, states: np.ndarray) -> np.ndarray:
-        """Indices of the pairs leaving ``states``: the programs visit only the states a position can be in."""
-        lengths = self.last[states] - self.first[states]
-        offsets = np.repeat(self.first[states] - np.cumsum(lengths) + lengths, lengths)
-        return offsets + np.arange(int(lengths.sum()))
 
     def pairs_into(self, state: int) -> np.ndarray:
         return self.into[self.into_first[state] : self.into_last[state]]
@@ -386,10 +378,10 @@ def class_scores(automaton: Automaton, logits: np.ndarray, probs: np.ndarray) ->
 
     def part(rows: slice) -> None:
         x = np.take(logits[rows], automaton.order, axis=1)
-        p = np.exp(x - lse[rows, None].astype(np.float32))  # the softmax in class order: cheaper than gathering it
+        p = np.take(probs[rows], automaton.order, axis=1)
         best[rows] = np.maximum.reduceat(x, automaton.starts, axis=1)
         mass[rows] = np.add.reduceat(p, automaton.starts, axis=1)
-        px[rows] = np.add.reduceat(p * x, automaton.starts, axis=1)
+        px[rows] = np.add.reduceat(np.multiply(p, x, out=p), automaton.starts, axis=1)
 
     chunks = [slice(i, i + _CHUNK) for i in range(0, n, _CHUNK)]
     if len(chunks) == 1:
@@ -399,32 +391,68 @@ def class_scores(automaton: Automaton, logits: np.ndarray, probs: np.ndarray) ->
     return best, np.maximum(mass, np.exp(best - lse[:, None])), px, lse
 
 
-_CHUNK = 32  # positions per thread task
+_CHUNK = 16  # positions per thread task
 
 
-def reachable_pairs(automaton: Automaton, state: int, n: int) -> list[np.ndarray]:
-    """Per position, the pairs leaving the states that ``state`` reaches in that many tokens: the
-    same for every step of a canvas, so a ``Guide`` finds them once."""
-    live, states = [], np.array([state])
-    for _ in range(n):
-        live.append(automaton.pairs_from(states))
-        states = np.unique(automaton.pair_dst[live[-1]])
-    return live
+@dataclass
+class Lattice:
+    """The pairs each position of a canvas can take, given the state it starts in: position
+    ``i``'s pairs are ``[offsets[i]:offsets[i + 1]]`` of the flat arrays, sorted by target,
+    so that reductions over ``heads[i]`` give one value per state in ``targets[i]``. The
+    same for every step of a canvas, so a ``Guide`` builds it once. Flat indices into
+    ``[n + 1, S]`` state arrays (``from_``, ``to``) and ``[n, D]`` set scores (``set_at``)
+    let the work that is not sequential in the positions run as single array operations."""
+
+    src: np.ndarray
+    from_: np.ndarray  # i * S + src
+    to: np.ndarray  # (i + 1) * S + dst
+    set_at: np.ndarray  # i * D + the pair's class set
+    offsets: np.ndarray
+    heads: list[np.ndarray]
+    targets: list[np.ndarray]
+
+    @classmethod
+    def build(cls, automaton: Automaton, state: int, n: int) -> "Lattice":
+        a, parts, heads, targets = automaton, [], [], []
+        src_into, dst_into = a.pair_src[a.into], a.pair_dst[a.into]  # every pair, by target
+        reach = np.zeros(a.num_states, dtype=bool)
+        reach[state] = True
+        for _ in range(n):
+            leaving = reach[src_into]
+            dst = dst_into[leaving]
+            new = np.ones(len(dst), dtype=bool)
+            new[1:] = dst[1:] != dst[:-1]
+            parts.append(a.into[leaving])
+            heads.append(np.flatnonzero(new))
+            targets.append(dst[new])
+            reach[:] = False
+            reach[targets[-1]] = True
+        pairs = np.concatenate(parts)
+        lengths = [len(q) for q in parts]
+        pos = np.repeat(np.arange(n), lengths)
+        size, sets = a.num_states, len(a.set_starts)
+        return cls(a.pair_src[pairs], pos * size + a.pair_src[pairs], (pos + 1) * size + a.pair_dst[pairs],
+                   pos * sets + a.pair_set[pairs], np.cumsum([0] + lengths), heads, targets)
+
+    def at(self, i: int) -> slice:
+        return slice(self.offsets[i], self.offsets[i + 1])
 
 
 def viterbi(automaton: Automaton, score: np.ndarray, state: int, end: np.ndarray,
-            live: list[np.ndarray] | None = None) -> tuple[np.ndarray, int]:
+            lattice: Lattice | None = None) -> tuple[np.ndarray, int]:
     """The class sequence maximizing ``sum(score[i, k_i])`` along an accepted path from ``state``
-    to a state in ``end`` (a bool mask), and the state it ends in. ``live``: ``reachable_pairs``."""
+    to a state in ``end`` (a bool mask), and the state it ends in."""
     a = automaton
     n = score.shape[0]
-    live = live or reachable_pairs(a, state, n)
-    pair_score = a.set_scores(score, np.maximum)[:, a.pair_set]
+    lat = lattice or Lattice.build(a, state, n)
+    set_score = a.set_scores(score, np.maximum)  # [n, D]
+    flat = set_score.ravel()[lat.set_at]
     best = np.full((n + 1, a.num_states), -np.inf)
     best[0, state] = 0.0
+    cells = best.ravel()
     for i in range(n):
-        pairs = live[i]
-        np.maximum.at(best[i + 1], a.pair_dst[pairs], best[i, a.pair_src[pairs]] + pair_score[i, pairs])
+        at = lat.at(i)
+        best[i + 1, lat.targets[i]] = np.maximum.reduceat(cells[lat.from_[at]] + flat[at], lat.heads[i])
     final = np.where(end, best[n], -np.inf)
     q = int(final.argmax())
     if not np.isfinite(final[q]):
@@ -432,35 +460,38 @@ def viterbi(automaton: Automaton, score: np.ndarray, state: int, end: np.ndarray
     last, path = q, np.empty(n, dtype=np.int64)
     for i in range(n - 1, -1, -1):
         pairs = a.pairs_into(q)
-        pair = pairs[np.argmax(best[i, a.pair_src[pairs]] + pair_score[i, pairs])]
+        pair = pairs[np.argmax(best[i, a.pair_src[pairs]] + set_score[i, a.pair_set[pairs]])]
         classes = a.classes_of(pair)
         path[i], q = classes[np.argmax(score[i, classes])], int(a.pair_src[pair])
     return path, last
 
 
 def forward_backward(automaton: Automaton, mass: np.ndarray, state: int, end: np.ndarray,
-                     live: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     lattice: Lattice | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Forward weights of accepted paths (``[n + 1, S]``, normalized per position) and each
     position's class marginals (``[n, K]``: the probability that position ``i`` holds a
     token of class ``k``, over accepted canvases)."""
     a = automaton
     n, size = mass.shape[0], a.num_states
-    pair_mass = a.set_scores(mass, np.add)[:, a.pair_set]
-    live = live or reachable_pairs(a, state, n)
+    lat = lattice or Lattice.build(a, state, n)
+    flat = a.set_scores(mass, np.add).ravel()[lat.set_at]
     alpha = np.zeros((n + 1, size))
     alpha[0, state] = 1.0
+    forward = alpha.ravel()
     for i in range(n):
-        flow = alpha[i, a.pair_src[live[i]]] * pair_mass[i, live[i]]
-        alpha[i + 1] = np.bincount(a.pair_dst[live[i]], flow, minlength=size)
-        alpha[i + 1] /= max(alpha[i + 1].sum(), 1e-300)
-    beta, through = end.astype(np.float64), np.zeros((n, len(a.set_starts)))
+        at = lat.at(i)
+        into = np.add.reduceat(forward[lat.from_[at]] * flat[at], lat.heads[i])
+        alpha[i + 1, lat.targets[i]] = into / max(into.sum(), 1e-300)
+    beta = np.empty((n + 1, size))
+    beta[n] = end
+    backward = beta.ravel()
     for i in range(n - 1, -1, -1):
-        pairs = live[i]
-        # Paths through each pair (less the pair's own mass, which varies by class): per class set.
-        both = alpha[i, a.pair_src[pairs]] * beta[a.pair_dst[pairs]]
-        through[i] = np.bincount(a.pair_set[pairs], both, minlength=through.shape[1])
-        beta = np.bincount(a.pair_src[pairs], pair_mass[i, pairs] * beta[a.pair_dst[pairs]], minlength=size)
-        beta /= max(beta.max(), 1e-300)
+        at = lat.at(i)
+        b = np.bincount(lat.src[at], flat[at] * backward[lat.to[at]], minlength=size)
+        beta[i] = b / max(b.max(), 1e-300)
+    # Paths through each pair, less the pair's own mass (which varies by class): per class set.
+    sets = len(a.set_starts)
+    through = np.bincount(lat.set_at, forward[lat.from_] * backward[lat.to], minlength=n * sets).reshape(n, sets)
     marginal = mass * (through @ a.set_classes)
     return alpha, marginal / np.maximum(marginal.sum(axis=1, keepdims=True), 1e-300)
 
@@ -484,13 +515,12 @@ def sample_path(automaton: Automaton, mass: np.ndarray, alpha: np.ndarray, end: 
     uniform number left over for drawing a token within its class."""
     a = automaton
     n = mass.shape[0]
+    set_mass = a.set_scores(mass, np.add)
     q = _draw(alpha[n] * end, end_uniform)[0]
     path, rest = np.empty(n, dtype=np.int64), np.empty(n)
     for i in range(n - 1, -1, -1):
         pairs = a.pairs_into(q)
-        pairs = pairs[alpha[i, a.pair_src[pairs]] > 0]
-        weight = np.array([mass[i, a.classes_of(p)].sum() for p in pairs])
-        j, u = _draw(alpha[i, a.pair_src[pairs]] * weight, float(uniform[i]))
+        j, u = _draw(alpha[i, a.pair_src[pairs]] * set_mass[i, a.pair_set[pairs]], float(uniform[i]))
         classes = a.classes_of(pairs[j])
         k, rest[i] = _draw(mass[i, classes], u)
         path[i], q = classes[k], int(a.pair_src[pairs[j]])
@@ -536,19 +566,20 @@ class Guide:
     state: int
     positions: int
     tokens_after: int
-    live: list[np.ndarray] = field(default_factory=list, init=False, repr=False)  # reachable_pairs, once
+    _lattice: Lattice | None = field(default=None, init=False, repr=False)
 
-    def _live(self) -> list[np.ndarray]:
-        if not self.live:
-            self.live = reachable_pairs(self.automaton, self.state, self.positions)
-        return self.live
+    @property
+    def lattice(self) -> Lattice:
+        if self._lattice is None:
+            self._lattice = Lattice.build(self.automaton, self.state, self.positions)
+        return self._lattice
 
     def argmax(self, logits: np.ndarray) -> np.ndarray:
         """The most probable accepted tokens for the counted positions (``logits`` ``[C, V]``)."""
         n = self.positions
         best = np.maximum.reduceat(np.take(logits[:n], self.automaton.order, axis=1), self.automaton.starts, axis=1)
         path, _ = viterbi(self.automaton, best.astype(np.float64), self.state, end_states(self.automaton, self.tokens_after),
-                          self._live())
+                          self.lattice)
         return tokens_in_classes(self.automaton, path, logits[:n])
 
     def step(self, logits: np.ndarray, probs: np.ndarray, uniform: np.ndarray,
@@ -559,9 +590,9 @@ class Guide:
         logits, probs = logits[:n], probs[:n]
         end = end_states(a, self.tokens_after)
         best, mass, px, lse = class_scores(a, logits, probs)
-        path, _ = viterbi(a, best, self.state, end, self._live())
+        path, _ = viterbi(a, best, self.state, end, self.lattice)
         argmax = tokens_in_classes(a, path, logits)
-        alpha, marginal = forward_backward(a, mass, self.state, end, self._live())
+        alpha, marginal = forward_backward(a, mass, self.state, end, self.lattice)
         entropy = marginal_entropy(marginal, mass, px, lse)
         drawn, rest = sample_path(a, mass, alpha, end, uniform[:n], end_uniform)
         return tokens_in_classes(a, drawn, logits, probs, rest), argmax, entropy

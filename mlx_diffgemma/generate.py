@@ -162,6 +162,8 @@ def denoise_canvas(
     # which then holds the probabilities or, for self-conditioning on logits or for a guide, the scaled logits.
     on_host = freezer is None and not gathered_experts()
     keep_probs = reuse_probs and guides is None
+    # Every position of every row guided: the free sampler's argmax, entropies and samples are never read.
+    all_guided = guides is not None and all(g is not None and g.positions == shape[1] for g in guides)
     argmax, sc, history = canvas, None, []
     done = mx.zeros((batch_size,), dtype=mx.bool_)
     passes = np.zeros(batch_size, dtype=np.int64)
@@ -189,18 +191,26 @@ def denoise_canvas(
             logits = model.denoise(canvas, cache, None if reuse_probs else sc, settings.self_conditioning_top_k,
                                    sc if reuse_probs else None)
             sc = None
-            if on_host and remaining > 1:
+            if on_host and remaining > 1 and all_guided and reuse_probs:
+                guided_scaled = host.tempered_softmax(logits, temperature(remaining, settings))
+                if guided_scaled is not None:  # the logits now hold the probabilities
+                    on_host_step = guided_scaled, logits
+            elif on_host and remaining > 1:
                 on_host_step = host.sampler_step(logits, temperature(remaining, settings), uniform, keep_probs=keep_probs)
             if on_host_step is None:
                 scaled = logits / temperature(remaining, settings)
                 new_argmax = scaled.argmax(axis=-1)
+            elif len(on_host_step) == 2:  # only what the guides read: the scaled logits (numpy) and their softmax
+                scaled, probs = on_host_step
+                new_argmax = None
             else:
                 new_argmax, kept, token_entropy, samples = on_host_step
                 probs, scaled = (kept, None) if keep_probs else (None, kept)
                 if guides is not None:  # a guide reads the scaled logits and their softmax
                     probs = host.softmax(scaled)
                     probs = mx.softmax(scaled, axis=-1) if probs is None else probs
-            new_argmax = clamp(new_argmax.astype(canvas.dtype))
+            if new_argmax is not None:
+                new_argmax = clamp(new_argmax.astype(canvas.dtype))
             logits = None
         if remaining == 1:  # the last step: only its argmax is committed, nothing else is used
             if guides is not None:
@@ -218,8 +228,9 @@ def denoise_canvas(
             elif on_host_step is None:
                 samples = sample(probs, uniform)
             if guides is not None:
-                samples, new_argmax, token_entropy = _guided_step(guides, scaled, probs, uniform, noise_tokens,
-                                                                  samples, new_argmax, token_entropy)
+                free_row = None if all_guided else (samples, new_argmax, token_entropy)
+                samples, new_argmax, token_entropy = _guided_step(guides, scaled, probs, uniform, noise_tokens, free_row)
+                new_argmax = clamp(new_argmax)
             if free is not None:  # fixed positions are certain: they take nothing from the entropy budget
                 token_entropy = mx.where(free, token_entropy, 0.0)
             accepted = accept(token_entropy, settings.entropy_bound)
@@ -265,27 +276,36 @@ def _guided_argmax(guides: Sequence[Guide | None], scaled: mx.array, argmax: mx.
     return mx.array(out, dtype=argmax.dtype)
 
 
-def _guided_step(guides: Sequence[Guide | None], scaled: mx.array, probs: mx.array, uniform: mx.array,
-                 noise_tokens: mx.array, samples: mx.array, argmax: mx.array,
-                 entropy: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """Samples, argmax and entropies with the guided rows' counted positions constrained.
+def _guided_step(guides: Sequence[Guide | None], scaled: mx.array | np.ndarray, probs: mx.array, uniform: mx.array,
+                 noise_tokens: mx.array, free: tuple[mx.array, mx.array, mx.array] | None
+                 ) -> tuple[mx.array, mx.array, mx.array]:
+    """Samples, argmax and entropies with the guided rows' counted positions constrained, the
+    rest taken from ``free`` (the free sampler's samples, argmax and entropies; ``None`` when
+    every position of every row is guided).
 
     The draw of a sampled canvas's last state takes its uniform number from the step's
-    renoise token at position 0 (the noise gives one uniform number per position). When every
-    position of every row is guided, the free samples, argmax and entropies are never
-    evaluated (MLX is lazy): their vocabulary-sized passes are skipped.
+    renoise token at position 0 (the noise gives one uniform number per position).
     """
-    logits, p, u = np.array(scaled), np.array(probs), np.array(uniform)
-    if all(g is not None and g.positions == scaled.shape[1] for g in guides):
-        outs = [np.empty(samples.shape, dtype=np.int64), np.empty(argmax.shape, dtype=np.int64), np.empty(entropy.shape)]
+    logits, p, u = _host_view(scaled), _host_view(probs), np.array(uniform)
+    shape = logits.shape[:2]
+    if free is None:
+        outs = [np.empty(shape, dtype=np.int64), np.empty(shape, dtype=np.int64), np.empty(shape, dtype=np.float32)]
     else:
-        outs = [np.array(samples), np.array(argmax), np.array(entropy)]
+        outs = [np.array(a) for a in free]
     for row, guide in enumerate(guides):
         if guide is not None:
             end_uniform = (int(noise_tokens[row, 0].item()) + 0.5) / logits.shape[-1]
             for out, part in zip(outs, guide.step(logits[row], p[row], u[row], end_uniform)):
                 out[row, : guide.positions] = part
-    return tuple(mx.array(out, dtype=like.dtype) for out, like in zip(outs, (samples, argmax, entropy)))
+    return mx.array(outs[0], dtype=mx.int32), mx.array(outs[1], dtype=mx.int32), mx.array(outs[2])
+
+
+def _host_view(a: mx.array | np.ndarray) -> np.ndarray:
+    """``a`` as numpy, without a copy where it is one float32 buffer."""
+    if isinstance(a, np.ndarray):
+        return a
+    view = host.buffer_view(a)
+    return np.array(a) if view is None else view.reshape(a.shape)
 
 
 def prefill(model: Model, input_ids: mx.array, cache, step_size: int = PREFILL_STEP_SIZE,

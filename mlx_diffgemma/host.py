@@ -22,7 +22,8 @@ import numpy as np
 
 _WORKERS = os.cpu_count() or 1
 _POOL: list[ThreadPoolExecutor] = []
-_BLOCK = 8  # rows per pass: a block's temporaries stay in the cache
+_BLOCK = 8  # rows per pass of the sampler's step: a block's temporaries stay in the cache
+_BLOCK_VALUES = 65536
 _GELU_SCALE = math.sqrt(2 / math.pi)
 _DISABLED = [0]
 
@@ -90,6 +91,19 @@ def softcap_(logits: mx.array, cap: float) -> mx.array | None:
     return logits
 
 
+def _blocks(start: int, stop: int, width: int) -> Iterator[slice]:
+    """Row blocks of about ``_BLOCK_VALUES`` values: a block's passes stay in the cache."""
+    step = max(1, _BLOCK_VALUES // width)
+    for a in range(start, stop, step):
+        yield slice(a, min(a + step, stop))
+
+
+def _softmax_into(x: np.ndarray, out: np.ndarray) -> None:
+    np.subtract(x, x.max(axis=-1, keepdims=True), out=out)
+    np.exp(out, out=out)
+    np.divide(out, out.sum(axis=-1, keepdims=True), out=out)
+
+
 def softmax(logits: mx.array, in_place: bool = False) -> mx.array | None:
     """The softmax of float32 ``logits`` over their last axis: in a new array, or written into
     ``logits`` (``in_place``, when the caller owns it); ``None`` where ``logits`` is not one
@@ -100,13 +114,29 @@ def softmax(logits: mx.array, in_place: bool = False) -> mx.array | None:
     out = x if in_place else np.empty_like(x)
 
     def rows(start: int, stop: int) -> None:
-        block = out[start:stop]
-        np.subtract(x[start:stop], x[start:stop].max(axis=-1, keepdims=True), out=block)
-        np.exp(block, out=block)
-        np.divide(block, block.sum(axis=-1, keepdims=True), out=block)
+        for block in _blocks(start, stop, x.shape[1]):
+            _softmax_into(x[block], out[block])
 
     for_rows(x.shape[0], rows)
     return logits if in_place else mx.array(out).reshape(logits.shape)
+
+
+def tempered_softmax(logits: mx.array, temperature: float) -> np.ndarray | None:
+    """``logits / temperature`` in a new numpy array, and its softmax written into ``logits``
+    (which the caller owns and gives up): what a constrained step reads, without the free
+    sampler's passes. ``None`` where the buffer cannot be written."""
+    x = buffer_view(logits)
+    if x is None:
+        return None
+    scaled = np.empty_like(x)
+
+    def rows(start: int, stop: int) -> None:
+        for block in _blocks(start, stop, x.shape[1]):
+            np.divide(x[block], temperature, out=scaled[block])
+            _softmax_into(scaled[block], x[block])
+
+    for_rows(x.shape[0], rows)
+    return scaled.reshape(logits.shape)
 
 
 def gated_gelu(gate_up: mx.array, up: mx.array | None = None) -> mx.array | None:

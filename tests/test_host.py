@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlx_diffgemma import host, load, sudoku
-from mlx_diffgemma.generate import Draft, SeededNoise, generate_step, resolve_settings
+from mlx_diffgemma.generate import Draft, SeededNoise, generate, generate_step, resolve_settings
 from mlx_diffgemma import model
 from mlx_diffgemma.model import softcap
 from mlx_diffgemma.sampler import distribution, sample
@@ -72,6 +72,15 @@ def test_softmax_equals_mlx_softmax_and_leaves_its_input():
     assert np.array_equal(np.array(logits), x)
 
 
+def test_tempered_softmax_leaves_the_scaled_logits_and_writes_their_softmax_in_place():
+    x = logits_like_a_model((2, 8, 2048), seed=6)
+    expected = np.array(mx.softmax(mx.array(x) / 0.7, axis=-1))
+    logits = mx.array(x)
+    scaled = host.tempered_softmax(logits, 0.7)
+    assert np.allclose(scaled, x / 0.7)
+    assert np.allclose(np.array(logits), expected, rtol=1e-5, atol=1e-8)
+
+
 def test_an_array_that_is_not_one_buffer_is_left_to_mlx():
     strided = mx.array(logits_like_a_model((8, 256)))[:, ::2]
     assert host.buffer_view(strided) is None
@@ -98,6 +107,22 @@ def drafts(model, on_host: bool = True) -> list[list[list[int]]]:
 def test_generation_on_the_host_gives_the_mlx_ops_tokens(hf_checkpoint):
     model, _ = load(hf_checkpoint)
     assert drafts(model) == drafts(model, on_host=False)
+
+
+def test_constrained_generation_on_the_host_gives_the_mlx_ops_tokens(hf_checkpoint, monkeypatch):
+    """A guided step reads the scaled logits and their softmax from the host, without the free
+    sampler's passes where every position is guided (two canvases of 16 here, then one of 8)."""
+    model, tokenizer = load(hf_checkpoint)
+    calls, tempered = [], host.tempered_softmax
+    monkeypatch.setattr(host, "tempered_softmax", lambda *a: calls.append(1) or tempered(*a))
+
+    def reply(on_host: bool) -> str:
+        with nullcontext() if on_host else host.disabled():
+            return generate(model, tokenizer, "Write JSON.", max_tokens=40, steps=6, seed=3,
+                            json_schema={"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+
+    assert reply(True) == reply(False)
+    assert calls
 
 
 def test_bfloat16_generation_keeps_the_scaled_logits_on_the_host_and_its_first_step_agrees(hf_checkpoint, monkeypatch):
