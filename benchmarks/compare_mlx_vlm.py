@@ -75,6 +75,16 @@ def blas_in_use() -> str:
     return "MLX's bundled reference BLAS (mlx_cpu.libs/libblas)"
 
 
+def cpu_in_use() -> str:
+    """The CPU's model, cores and widest vector unit: the peer's elementwise work runs one value at a
+    time, so how much faster ours is depends on the SIMD width numpy and BLAS get."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{model}, {os.cpu_count()} cores, {simd}"
+
+
 def seconds(mx, fn) -> float:
     """Wall time of ``fn()`` and the evaluation of what it returns."""
     start = time.perf_counter()
@@ -443,6 +453,7 @@ def table(ours: dict, peer: dict, text: dict, args) -> str:
         f"FLOPs: denoiser step {step_sc / 1e9:.1f} GFLOP with self-conditioning, "
         f"{step_avg / 1e9:.1f} on average over a canvas; prefill {pre / 1e9:.1f} GFLOP.",
         f"BLAS: ours {ours['blas']}; peer {peer['blas']}.",
+        f"CPU: {cpu_in_use()}.",
     ]
     return "\n".join(lines + notes) + "\n"
 
