@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mlx_diffgemma.bench import denoise_flops, run_bench
 from mlx_diffgemma.model import ModelArgs
 from mlx_diffgemma.sampler import DiffusionSettings
@@ -37,6 +39,7 @@ def test_bench_rows_for_each_prompt_length(hf_checkpoint):
         assert all(1 <= len(c) <= 3 and c[-1] == 1.0 and all(0 <= f <= 1 for f in c) for c in r.settling)
 
 
+@pytest.mark.slow
 def test_bench_command_prints_a_table_and_draws_a_plot(hf_checkpoint, tmp_path):
     cli = str(Path(__file__).parents[1] / "cli.py")
     plot = tmp_path / "bench.png"

@@ -66,6 +66,7 @@ def test_two_ranks_match_one_process_on_the_tiny_model(hf_checkpoint):
     assert result["rank0_weights_mib"] < 0.6 * whole
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process_on_quantized_weights(tokenizer_dir, vocab_size, tmp_path):
     """8-bit embeddings and attention, computed in float32: sharding the packed weights, scales
     and biases must not change the logits beyond float32 rounding. (Head size 32, so that each
@@ -81,6 +82,7 @@ def test_two_ranks_match_one_process_on_quantized_weights(tokenizer_dir, vocab_s
     assert result["ranks_agree"]
 
 
+@pytest.mark.slow
 def test_unseeded_sharded_generation_uses_rank_0s_seed_on_every_rank(hf_checkpoint):
     """Without a seed, rank 0 draws one and shares it: both ranks denoise the same canvases,
     and the output equals one process seeded with rank 0's draw."""
@@ -99,12 +101,14 @@ def test_unseeded_sharded_generation_uses_rank_0s_seed_on_every_rank(hf_checkpoi
     assert ranks[0]["tokens"] == alone
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (sudoku.MODEL_DIR / "config.json").is_file(), reason="the built-in Sudoku model is not shipped")
 def test_two_ranks_generate_the_same_sudoku_solutions():
     result = launch(2, "--model", str(sudoku.MODEL_DIR), "--parity", "--sudoku", "--canvas-length", "16")
     assert result["identical_rows"] == "8/8" and result["ranks_agree"]
 
 
+@pytest.mark.slow
 def test_sharded_chat_follows_rank_0_through_stopped_replies_resets_and_refusals(hf_checkpoint):
     """Rank 0 chats; rank 1 follows each turn (Lockstep). A reply stopped after its first
     draft, a conversation reset on rank 0 only, a refused request and a stop string must
@@ -145,6 +149,7 @@ def ctrl_c_ends_every_process(process: subprocess.Popen, log: Path) -> None:
             pass
 
 
+@pytest.mark.slow
 def test_sharded_server_survives_a_client_going_away_and_shuts_down_every_rank(hf_checkpoint, tmp_path):
     """``mlx.launch ... -- mlx-diffgemma serve``: rank 0 serves, rank 1 follows. A streaming
     client that disconnects stops both ranks at the same step; Ctrl-C ends every process."""
@@ -172,6 +177,7 @@ def test_sharded_server_survives_a_client_going_away_and_shuts_down_every_rank(h
         ctrl_c_ends_every_process(server, log)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_middle_of_a_sharded_chat_reply_ends_every_rank(hf_checkpoint, tmp_path):
     """Ctrl-C reaches the launcher and both ranks mid-reply. The launcher stops forwarding
     input, so the chat must end: rank 0 stops at a step both ranks reach and releases rank 1."""

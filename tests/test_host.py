@@ -143,6 +143,7 @@ def test_bfloat16_generation_keeps_the_scaled_logits_on_the_host_and_its_first_s
     assert len(on_host) == len(off) and on_host[0] == off[0]
 
 
+@pytest.mark.slow
 def test_the_sudoku_model_solves_the_same_puzzles_on_the_host():
     model = sudoku.load_model()
     puzzles = [puzzle for puzzle, _ in islice(sudoku.puzzles(sudoku.DIFFICULTIES[6]["hard"], seed=5, n=6), 12)]

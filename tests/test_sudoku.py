@@ -127,6 +127,7 @@ def test_rule_constrained_attempts_keep_givens_and_repeat_no_digit_in_rows_or_bo
         assert all(sorted(unit) == [1, 2, 3, 4, 5, 6] for unit in rows + boxes)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHIPPED, reason="the built-in Sudoku model is not shipped")
 def test_tries_denoise_only_the_unsolved_puzzles_again():
     model = sudoku.load_model()

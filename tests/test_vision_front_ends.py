@@ -66,6 +66,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, CLI, *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_generate_with_images_prints_a_reply_with_the_images_in_the_prompt(checkpoint, files):  # noqa: F811
     common = ["generate", "-m", str(checkpoint), "--max-tokens", "8", "--steps", "3", "--seed", "0", "--stats"]
     text = run_cli(*common, "What is it?")
