@@ -174,6 +174,7 @@ def denoise_canvas(
         # when none has, the previous input is released as soon as the forward has read it.
         held = sc if stopped.any() and freezer is None else None  # a stopped row's open positions: none
         on_host_step = None
+        guided_scaled = None  # a fully guided step on the host: the scaled logits, in numpy
         uniform, noise_tokens = noise.step(index, step, shape) if remaining > 1 else (None, None)
         if fast is not None:
             new_canvas, new_argmax, sc, token_entropy = fast(canvas, sc, temperature(remaining, settings), uniform,
@@ -193,16 +194,13 @@ def denoise_canvas(
             sc = None
             if on_host and remaining > 1 and all_guided and reuse_probs:
                 guided_scaled = host.tempered_softmax(logits, temperature(remaining, settings))
-                if guided_scaled is not None:  # the logits now hold the probabilities
-                    on_host_step = guided_scaled, logits
             elif on_host and remaining > 1:
                 on_host_step = host.sampler_step(logits, temperature(remaining, settings), uniform, keep_probs=keep_probs)
-            if on_host_step is None:
+            if guided_scaled is not None:  # only what the guides read; the logits now hold their softmax
+                scaled, probs, new_argmax = guided_scaled, logits, None
+            elif on_host_step is None:
                 scaled = logits / temperature(remaining, settings)
                 new_argmax = scaled.argmax(axis=-1)
-            elif len(on_host_step) == 2:  # only what the guides read: the scaled logits (numpy) and their softmax
-                scaled, probs = on_host_step
-                new_argmax = None
             else:
                 new_argmax, kept, token_entropy, samples = on_host_step
                 probs, scaled = (kept, None) if keep_probs else (None, kept)
@@ -220,12 +218,13 @@ def denoise_canvas(
             yield Draft(step=step + 1, tokens=argmax)
             break
         if fast is None:
-            if on_host_step is None:
+            sampled = on_host_step is not None or guided_scaled is not None
+            if not sampled:
                 probs, token_entropy = distribution(scaled)
             if freezer is not None:  # frozen positions keep their token and are certain, as fixed ones
                 samples = freezer.spread(sample(probs, freezer.take(uniform)), canvas)
                 token_entropy = freezer.spread(token_entropy, mx.zeros(shape))
-            elif on_host_step is None:
+            elif not sampled:
                 samples = sample(probs, uniform)
             if guides is not None:
                 free_row = None if all_guided else (samples, new_argmax, token_entropy)
@@ -269,7 +268,7 @@ def denoise_canvas(
 
 def _guided_argmax(guides: Sequence[Guide | None], scaled: mx.array, argmax: mx.array) -> mx.array:
     """``argmax`` with each guided row's counted positions replaced by its most probable accepted canvas."""
-    logits, out = np.array(scaled), np.array(argmax)
+    logits, out = _host_view(scaled), np.array(argmax)
     for row, guide in enumerate(guides):
         if guide is not None:
             out[row, : guide.positions] = guide.argmax(logits[row])

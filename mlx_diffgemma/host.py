@@ -22,8 +22,7 @@ import numpy as np
 
 _WORKERS = os.cpu_count() or 1
 _POOL: list[ThreadPoolExecutor] = []
-_BLOCK = 8  # rows per pass of the sampler's step: a block's temporaries stay in the cache
-_BLOCK_VALUES = 65536
+_BLOCK_VALUES = 8 * 32768  # values per pass (8 rows of a 32,768 vocabulary): a block's temporaries stay in the cache
 _GELU_SCALE = math.sqrt(2 / math.pi)
 _DISABLED = [0]
 
@@ -185,19 +184,18 @@ def sampler_step(logits: mx.array, temperature: float, uniform: mx.array,
     entropy = np.empty(n, dtype=np.float32)
 
     def rows(start: int, stop: int) -> None:
-        for a in range(start, stop, _BLOCK):
-            b = min(a + _BLOCK, stop)
-            scaled = x[a:b]
+        for block in _blocks(start, stop, vocab):
+            scaled = x[block]
             np.divide(scaled, temperature, out=scaled)
-            argmax[a:b] = scaled.argmax(axis=-1)
+            argmax[block] = scaled.argmax(axis=-1)
             top = scaled.max(axis=-1, keepdims=True)
             e = np.exp(scaled - top)
             total = e.sum(axis=-1, keepdims=True)
             # H = logsumexp(x) - sum(p * x), with logsumexp(x) = max(x) + log(sum(exp(x - max)))
-            entropy[a:b] = (top + np.log(total))[:, 0] - np.einsum("ij,ij->i", e, scaled) / total[:, 0]
+            entropy[block] = (top + np.log(total))[:, 0] - np.einsum("ij,ij->i", e, scaled) / total[:, 0]
             probs = np.divide(e, total, out=scaled if keep_probs else e)
             cdf = np.cumsum(probs, axis=-1)
-            samples[a:b] = np.minimum((cdf < (u[a:b] * cdf[:, -1])[:, None]).sum(axis=-1), vocab - 1)
+            samples[block] = np.minimum((cdf < (u[block] * cdf[:, -1])[:, None]).sum(axis=-1), vocab - 1)
 
     for_rows(n, rows)
     shape = logits.shape[:-1]
