@@ -11,8 +11,10 @@ nor does training (``disabled``): a numpy result carries no gradient.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -25,6 +27,8 @@ _POOL: list[ThreadPoolExecutor] = []
 _BLOCK_VALUES = 8 * 32768  # values per pass (8 rows of a 32,768 vocabulary): a block's temporaries stay in the cache
 _GELU_SCALE = math.sqrt(2 / math.pi)
 _DISABLED = [0]
+_KEEP_FREED = 1 << 30  # bytes: glibc's mmap and trim thresholds while freed memory is kept
+_KEPT: list[bool] = []
 
 
 @contextmanager
@@ -41,6 +45,23 @@ def disabled() -> Iterator[None]:
 def enabled() -> bool:
     """Whether the functions here may run (not inside ``disabled``)."""
     return not _DISABLED[0]
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed blocks of up to 1 GiB for reuse, as MLX's buffer cache does
+    on Metal, instead of unmapping them: by default every block of 32 MiB or more (a canvas's
+    256 x 32,768 logits) is mapped afresh and costs 8,192 page faults, about 16 ms a buffer on
+    this project's CPUs. The process keeps its peak memory instead. Applied once; returns whether
+    it holds (``False`` off glibc)."""
+    if not _KEPT:
+        try:
+            libc = ctypes.CDLL(None) if sys.platform == "linux" else None
+            mallopt = getattr(libc, "mallopt", None)
+        except OSError:
+            mallopt = None
+        # M_TRIM_THRESHOLD (-1) and M_MMAP_THRESHOLD (-3).
+        _KEPT.append(bool(mallopt) and mallopt(-1, _KEEP_FREED) == 1 and mallopt(-3, _KEEP_FREED) == 1)
+    return _KEPT[0]
 
 
 def pool() -> ThreadPoolExecutor:

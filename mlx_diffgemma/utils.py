@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer_wrapper
 
+from . import host
 from .adapters import ADAPTER_CONFIG, ADAPTER_FILE, apply_lora, fuse_lora
 from .distributed import shard
 from .model import ConfigError, Model, ModelArgs
@@ -197,6 +198,8 @@ def load_model(model_path: Path, dtype: mx.Dtype | None = None, group: mx.distri
     and tensors are read one at a time, so each rank holds only its slices.
     """
     config = load_config(model_path)
+    if mx.default_device() == mx.cpu:  # the host path's vocabulary-sized buffers (host.py)
+        host.keep_freed_memory()
     model = Model(ModelArgs.from_dict(config))
     weights = model.sanitize(read_weights(model_path))
     if (quantization := quantization_config(config)) is not None:
