@@ -203,6 +203,8 @@ def sampler_step(logits: mx.array, temperature: float, uniform: mx.array,
     n, vocab = x.shape
     argmax, samples = np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int32)
     entropy = np.empty(n, dtype=np.float32)
+    probs_array = logits if keep_probs else mx.zeros(logits.shape, dtype=mx.float32)
+    probs = x if keep_probs else buffer_view(probs_array)
 
     def rows(start: int, stop: int) -> None:
         for block in _blocks(start, stop, vocab):
@@ -214,10 +216,14 @@ def sampler_step(logits: mx.array, temperature: float, uniform: mx.array,
             total = e.sum(axis=-1, keepdims=True)
             # H = logsumexp(x) - sum(p * x), with logsumexp(x) = max(x) + log(sum(exp(x - max)))
             entropy[block] = (top + np.log(total))[:, 0] - np.einsum("ij,ij->i", e, scaled) / total[:, 0]
-            probs = np.divide(e, total, out=scaled if keep_probs else e)
-            cdf = np.cumsum(probs, axis=-1)
-            samples[block] = np.minimum((cdf < (u[block] * cdf[:, -1])[:, None]).sum(axis=-1), vocab - 1)
+            np.divide(e, total, out=probs[block])
 
     for_rows(n, rows)
+    # MLX's scan adds in the same order as numpy's cumsum, at about 5x its speed; the CDF is
+    # sorted, so the count of values below a row's threshold is a binary search.
+    cdf = buffer_view(mx.cumsum(probs_array, axis=-1))
+    threshold = u * cdf[:, -1]
+    for i in range(n):
+        samples[i] = min(int(np.searchsorted(cdf[i], threshold[i])), vocab - 1)
     shape = logits.shape[:-1]
     return (mx.array(argmax).reshape(shape), logits, mx.array(entropy).reshape(shape), mx.array(samples).reshape(shape))

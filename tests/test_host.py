@@ -66,6 +66,16 @@ def test_sampler_step_can_leave_the_scaled_logits_for_self_conditioning():
         assert np.array_equal(np.array(a), np.array(b))
 
 
+def test_the_hosts_draws_are_the_samplers_draws_on_its_probabilities_plateaus_and_ends_included():
+    x = logits_like_a_model((1, 64, 4096), seed=7)
+    x[:, ::2, 1000:3000] = -1e4  # probabilities that are exactly zero: flat stretches of the CDF
+    rng = np.random.default_rng(8)
+    u = rng.random((1, 64), dtype=np.float32)
+    u[0, :4] = [0.0, 1.0, np.nextafter(np.float32(1), np.float32(0)), 0.5]
+    argmax, probs, entropy, samples = host.sampler_step(mx.array(x), 0.8, mx.array(u))
+    assert np.array_equal(np.array(samples), np.array(sample(probs, mx.array(u))))
+
+
 def test_softmax_equals_mlx_softmax_and_leaves_its_input():
     x = logits_like_a_model((2, 8, 2048), seed=5)
     logits = mx.array(x)
