@@ -6,7 +6,8 @@ path (grouped experts, which already reads the host every layer) therefore runs 
 on rows split across the cores (numpy releases the GIL): the softcap and the sampler's step over
 the logits, the attention softmax and the gated GELU, writing into the arrays' own buffers where
 the caller owns them. The GPU path (gathered experts, which may be compiled) never comes here,
-nor does training (``disabled``): a numpy result carries no gradient.
+nor does training (``disabled``): a numpy result carries no gradient. ``keep_freed_memory`` is
+the CPU path's other cost on the host: glibc's handling of its vocabulary-sized buffers.
 """
 
 from __future__ import annotations
