@@ -45,6 +45,7 @@ from . import host
 from .adapters import ADAPTER_CONFIG, ADAPTER_FILE, LORA_KEYS, apply_lora
 from .model import Model
 from .sampler import DiffusionSettings
+from .tools import RequestError, parse_arguments
 from .utils import TOKENIZER_FILES, CheckpointError, load_config, load_safetensors, read_json, read_weights, replace_folder
 
 STATE_FILE, OPTIMIZER_FILE = "training_state.json", "optimizer.safetensors"
@@ -129,13 +130,20 @@ def encode_example(tokenizer, record: dict[str, Any]) -> Example:
     """A prompt/completion record (or chat ``messages`` ending with the assistant's) as token ids.
 
     The prompt goes through the chat template when the tokenizer has one, as ``generate`` does,
-    with the record's ``tools`` and ``enable_thinking`` when it has them.
+    with the record's ``tools`` and ``enable_thinking`` when it has them. An assistant reply with
+    ``tool_calls`` is written as the template writes it (the calls in the model's own syntax).
     """
+    reply = None
     if "messages" in record:
         messages = record["messages"]
-        if not messages or messages[-1].get("role") != "assistant":
-            raise DataError("'messages' must end with an assistant message")
-        prompt, completion = messages[:-1], messages[-1]["content"]
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages) \
+                or messages[-1].get("role") != "assistant":
+            raise DataError("'messages' must be objects ending with an assistant message")
+        messages = [with_call_arguments(m) for m in messages]
+        prompt, reply = messages[:-1], messages[-1]
+        completion = reply.get("content") or ""
+        if not isinstance(completion, str):
+            raise DataError("the assistant message's 'content' must be a string")
     elif "prompt" in record and "completion" in record:
         prompt, completion = record["prompt"], record["completion"]
         if getattr(tokenizer, "chat_template", None):
@@ -144,15 +152,52 @@ def encode_example(tokenizer, record: dict[str, Any]) -> Example:
         raise DataError("each line needs 'prompt' and 'completion' (or 'messages')")
     kwargs = template_kwargs(record)
     if isinstance(prompt, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("'messages' need a chat template, which the tokenizer lacks")
         prompt_ids = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, **kwargs))
     elif kwargs:
         raise DataError(f"{' and '.join(repr(k) for k in kwargs)} need a chat template, which the tokenizer lacks")
     else:
         prompt_ids = list(tokenizer.encode(prompt))
-    completion_ids = list(tokenizer.encode(completion, add_special_tokens=False))
+    if reply is not None and reply.get("tool_calls"):
+        completion_ids = rendered_reply(tokenizer, prompt, reply, kwargs)
+    else:
+        completion_ids = list(tokenizer.encode(completion, add_special_tokens=False))
     if not prompt_ids or not completion_ids:
         raise DataError("empty prompt or completion")
     return Example(prompt_ids, completion_ids)
+
+
+def with_call_arguments(message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` with its tool calls' arguments as objects, which chat templates render (OpenAI
+    data holds them as JSON strings)."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls):
+        raise DataError("'tool_calls' must be a list of {'type': 'function', 'function': {...}}")
+    try:
+        return {**message, "tool_calls": [
+            {**c, "function": {**c["function"], "arguments": parse_arguments(c["function"].get("arguments"), "arguments")}}
+            for c in calls]}
+    except RequestError as e:
+        raise DataError(f"a tool call's {e}") from None
+
+
+def rendered_reply(tokenizer, prompt: list[dict[str, Any]], reply: dict[str, Any], kwargs: dict[str, Any]) -> list[int]:
+    """The tokens the chat template writes for the assistant ``reply`` after the model's turn
+    header: the conversation rendered with the reply, less the conversation before it and the
+    tokens of the generation prompt that the rendering repeats (Gemma 4's template opens the turn
+    with ``<|turn>model\n`` in both, and adds an empty thought only to the generation prompt)."""
+    before = tokenizer.apply_chat_template(prompt, tokenize=False, **kwargs)
+    header = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, **kwargs)[len(before):]
+    text = tokenizer.apply_chat_template([*prompt, reply], tokenize=False, **kwargs)
+    if not text.startswith(before):
+        raise DataError("the chat template writes the earlier messages differently once the reply follows")
+    ids = tokenizer.encode(text[len(before):], add_special_tokens=False)
+    opening = tokenizer.encode(header, add_special_tokens=False)
+    shared = next((i for i, (a, b) in enumerate(zip(ids, opening)) if a != b), min(len(ids), len(opening)))
+    return list(ids[shared:])
 
 
 def load_examples(path: Path, tokenizer) -> list[Example]:

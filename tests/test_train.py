@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from mlx_diffgemma.command.cli import app
 from mlx_diffgemma import load, sudoku
 from mlx_diffgemma.train import (
+    DataError,
     Example,
     TrainingArgs,
     corrupt,
@@ -167,12 +168,58 @@ def test_a_data_line_with_tools_and_enable_thinking_renders_them_through_the_cha
     assert agent.completion == plain.completion == tokenizer.encode("Let me check.", add_special_tokens=False)
 
 
+def agent_tokenizer():
+    from pathlib import Path
+
+    return load(Path(__file__).parent / "fixtures" / "agent_model")[1]  # a Gemma-4-style template
+
+
+@pytest.mark.parametrize("enable_thinking", [False, True])
+def test_a_reply_with_tool_calls_is_trained_as_the_template_writes_the_call(enable_thinking):
+    from fixtures.build_agent_model import WEATHER_TOOL
+
+    tokenizer = agent_tokenizer()
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    record = {"messages": messages, "tools": [WEATHER_TOOL], "enable_thinking": enable_thinking}
+    example = encode_example(tokenizer, record)
+    assert tokenizer.decode(example.completion) == '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
+    assert example.completion[0] == tokenizer.convert_tokens_to_ids("<|tool_call>")  # the marker, not its characters
+    assert tokenizer.decode(example.prompt).endswith("<|turn>model\n" + ("" if enable_thinking else "<|channel>thought\n<channel|>"))
+    as_object = {**call, "function": {**call["function"], "arguments": {"city": "Paris"}}}
+    same = encode_example(tokenizer, {**record, "messages": [messages[0], {**messages[1], "tool_calls": [as_object]}]})
+    assert same == example  # OpenAI's JSON-string arguments and plain objects give the same tokens
+    raw = {"role": "assistant", "content": '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'}
+    assert encode_example(tokenizer, {**record, "messages": [messages[0], raw]}) == example  # the raw form too
+    # An earlier call in the history keeps its arguments too.
+    answered = [*messages, {"role": "tool", "tool_call_id": "1", "name": "get_weather", "content": "21 C"},
+                {"role": "assistant", "content": "It is 21 C."}]
+    later = encode_example(tokenizer, {**record, "messages": answered})
+    assert 'call:get_weather{city:<|"|>Paris<|"|>}' in tokenizer.decode(later.prompt)
+    assert tokenizer.decode(later.completion) == "It is 21 C."
+
+
+@pytest.mark.parametrize("reply, message", [
+    ({"role": "assistant", "tool_calls": "get_weather"}, "'tool_calls' must be a list"),
+    ({"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": "{city"}}]},
+     "arguments must be a JSON object"),
+    ({"role": "assistant", "content": [{"type": "text", "text": "hi"}]}, "'content' must be a string"),
+    ({"role": "assistant", "content": None}, "empty prompt or completion"),
+])
+def test_a_bad_assistant_reply_is_a_data_error_naming_it(reply, message):
+    with pytest.raises(DataError, match=message):
+        encode_example(agent_tokenizer(), {"messages": [{"role": "user", "content": "Hi"}, reply]})
+
+
 @pytest.mark.parametrize("line, message", [
     ("not json", "train.jsonl:1"),
     (json.dumps({"text": "x"}), "'prompt' and 'completion'"),
     (json.dumps({"prompt": "12", "completion": "3", "tools": {"name": "f"}}), "'tools' must be a list"),
     (json.dumps({"prompt": "12", "completion": "3", "enable_thinking": "yes"}), "'enable_thinking' must be true or false"),
     (json.dumps({"prompt": "12", "completion": "3", "tools": []}), "'tools' need a chat template"),
+    (json.dumps({"messages": [{"role": "user", "content": "12"}, {"role": "assistant", "content": "3"}]}),
+     "'messages' need a chat template"),
+    (json.dumps({"messages": ["12", {"role": "assistant", "content": "3"}]}), "'messages' must be objects"),
 ])
 def test_finetune_rejects_bad_data_with_one_line(toy_model, tmp_path, line, message):
     (tmp_path / "train.jsonl").write_text(line + "\n")
