@@ -3,7 +3,9 @@
 Runs the server in this process (a uvicorn thread on 127.0.0.1) with the tests' tiny
 random checkpoint, or ``--checkpoint`` of your own, and sends ``--requests`` requests in
 a row: plain ones, streamed ones, streams abandoned after their first chunk, and the last
-``--concurrent`` at once. Prints RSS after ``--warmup`` requests and at the end.
+``--concurrent`` at once. Prints RSS after ``--warmup`` requests and at the end, and what the
+conversations' prompt caches hold then: each request is a new conversation, which the server
+keeps up to ``--prompt-cache-bytes`` by design; the rest of the growth is what would leak.
 
     python benchmarks/server_soak.py --requests 150 --warmup 20 --concurrent 8
 """
@@ -87,6 +89,7 @@ def tiny_checkpoint(out: Path) -> Path:
 def main() -> None:
     import uvicorn
 
+    from mlx_diffgemma.prompt_cache import DEFAULT_MAX_BYTES, PromptCache
     from mlx_diffgemma.server import create_app
     from mlx_diffgemma.utils import load
 
@@ -95,7 +98,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--concurrent", type=int, default=8)
+    parser.add_argument("--prompt-cache-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                        help="the server's bound on the conversations' caches (its default: 4 GiB)")
     args = parser.parse_args()
+    prompt_cache = PromptCache(args.prompt_cache_bytes)
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint) if args.checkpoint else tiny_checkpoint(Path(tmp))
@@ -103,7 +109,7 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(create_app(model, tokenizer, "soak"), host="127.0.0.1", port=port,
+        server = uvicorn.Server(uvicorn.Config(create_app(model, tokenizer, "soak", prompt_cache=prompt_cache), host="127.0.0.1", port=port,
                                                log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -120,6 +126,7 @@ def main() -> None:
     print(f"RSS after {args.warmup}: {after_warmup / mib:.1f} MiB")
     print(f"RSS after {args.requests}: {final / mib:.1f} MiB")
     print(f"ratio: {final / after_warmup:.3f}")
+    print(f"prompt caches held at the end: {prompt_cache.nbytes / mib:.1f} MiB ({len(prompt_cache.conversations)} conversations)")
 
 
 if __name__ == "__main__":
