@@ -38,6 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from jinja2 import TemplateError
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import save_model
 
@@ -141,6 +142,8 @@ def encode_example(tokenizer, record: dict[str, Any]) -> Example:
             raise DataError("'messages' must be objects ending with an assistant message")
         messages = [with_call_arguments(m) for m in messages]
         prompt, reply = messages[:-1], messages[-1]
+        if not prompt:
+            raise DataError("'messages' need a message before the assistant's")
         completion = reply.get("content") or ""
         if not isinstance(completion, str):
             raise DataError("the assistant message's 'content' must be a string")
@@ -209,7 +212,7 @@ def load_examples(path: Path, tokenizer) -> list[Example]:
             continue
         try:
             examples.append(encode_example(tokenizer, json.loads(line)))
-        except (json.JSONDecodeError, DataError, AttributeError, TypeError) as e:
+        except (ValueError, TemplateError, AttributeError, TypeError) as e:  # DataError and JSON errors included
             raise DataError(f"{path}:{number}: {e}") from None
     if not examples:
         raise DataError(f"{path} has no examples")

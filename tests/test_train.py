@@ -220,6 +220,7 @@ def test_a_bad_assistant_reply_is_a_data_error_naming_it(reply, message):
     (json.dumps({"messages": [{"role": "user", "content": "12"}, {"role": "assistant", "content": "3"}]}),
      "'messages' need a chat template"),
     (json.dumps({"messages": ["12", {"role": "assistant", "content": "3"}]}), "'messages' must be objects"),
+    (json.dumps({"messages": [{"role": "assistant", "content": "3"}]}), "need a message before the assistant's"),
 ])
 def test_finetune_rejects_bad_data_with_one_line(toy_model, tmp_path, line, message):
     (tmp_path / "train.jsonl").write_text(line + "\n")
