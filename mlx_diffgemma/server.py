@@ -74,7 +74,7 @@ from .infill import Infill, stream_infill
 from .constrained import automaton_for, check_length, schema_regex, tool_call_regex
 from .lockstep import Lockstep
 from .model import Model
-from .tools import RequestError, arguments_json, call_id, openai_tools, parse_arguments, tool_choice
+from .tools import RequestError, arguments_json, call_id, openai_tools, template_tool_call, tool_choice
 from .vision import ImageError, attach_images, read_image
 
 logger = logging.getLogger(__name__)
@@ -442,16 +442,10 @@ def fetch_image(url: str, param: str) -> bytes:
 
 def history_tool_call(call: Any, param: str) -> dict[str, Any]:
     """An assistant's earlier tool call, as chat templates take it (arguments as an object)."""
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(call.get("id"), str) or call.get("type", "function") != "function":
-        raise APIError(400, f"'{param}' must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}", param)
-    if not isinstance(function.get("name"), str) or not function["name"]:
-        raise APIError(400, f"'{param}.function.name' must be a non-empty string", f"{param}.function.name")
     try:
-        arguments = parse_arguments(function.get("arguments", {}), f"{param}.function.arguments")
+        return template_tool_call(call, param)
     except RequestError as e:
         raise APIError(400, str(e), e.param) from None
-    return {"id": call["id"], "type": "function", "function": {"name": function["name"], "arguments": arguments}}
 
 
 def chat_messages(messages: Any, image: Callable[[dict, str], Any] | None = None) -> list[dict[str, Any]]:

@@ -134,6 +134,22 @@ def arguments_json(arguments: dict[str, Any]) -> str:
     return json.dumps(arguments, ensure_ascii=False)
 
 
+def template_tool_call(call: Any, param: str, with_id: bool = True) -> dict[str, Any]:
+    """An assistant's tool call (OpenAI's shape) as chat templates take it, arguments as an
+    object. ``with_id``: the call must carry its ``id`` (the server matches tool results to it)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or (with_id and not isinstance(call.get("id"), str)) \
+            or call.get("type", "function") != "function":
+        shape = '{"id", "type": "function", "function": {"name", "arguments"}}' if with_id \
+            else '{"type": "function", "function": {"name", "arguments"}}'
+        raise RequestError(f"'{param}' must be {shape}", param)
+    if not isinstance(function.get("name"), str) or not function["name"]:
+        raise RequestError(f"'{param}.function.name' must be a non-empty string", f"{param}.function.name")
+    arguments = parse_arguments(function.get("arguments", {}), f"{param}.function.arguments")
+    out = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+    return {"id": call["id"], **out} if isinstance(call.get("id"), str) else out
+
+
 def parse_arguments(arguments: Any, param: str) -> dict[str, Any]:
     """A history call's arguments: OpenAI sends a JSON string, others an object."""
     if isinstance(arguments, str):

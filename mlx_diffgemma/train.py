@@ -46,7 +46,7 @@ from . import host
 from .adapters import ADAPTER_CONFIG, ADAPTER_FILE, LORA_KEYS, apply_lora
 from .model import Model
 from .sampler import DiffusionSettings
-from .tools import RequestError, parse_arguments
+from .tools import RequestError, template_tool_call
 from .utils import TOKENIZER_FILES, CheckpointError, load_config, load_safetensors, read_json, read_weights, replace_folder
 
 STATE_FILE, OPTIMIZER_FILE = "training_state.json", "optimizer.safetensors"
@@ -172,19 +172,17 @@ def encode_example(tokenizer, record: dict[str, Any]) -> Example:
 
 
 def with_call_arguments(message: dict[str, Any]) -> dict[str, Any]:
-    """``message`` with its tool calls' arguments as objects, which chat templates render (OpenAI
-    data holds them as JSON strings)."""
+    """``message`` with its tool calls as chat templates take them: arguments as objects, which
+    OpenAI data holds as JSON strings."""
     calls = message.get("tool_calls")
     if not calls:
         return message
-    if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls):
+    if not isinstance(calls, list):
         raise DataError("'tool_calls' must be a list of {'type': 'function', 'function': {...}}")
     try:
-        return {**message, "tool_calls": [
-            {**c, "function": {**c["function"], "arguments": parse_arguments(c["function"].get("arguments"), "arguments")}}
-            for c in calls]}
+        return {**message, "tool_calls": [template_tool_call(c, f"tool_calls[{j}]", with_id=False) for j, c in enumerate(calls)]}
     except RequestError as e:
-        raise DataError(f"a tool call's {e}") from None
+        raise DataError(str(e)) from None
 
 
 def rendered_reply(tokenizer, prompt: list[dict[str, Any]], reply: dict[str, Any], kwargs: dict[str, Any]) -> list[int]:
